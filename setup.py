@@ -30,10 +30,13 @@ CORE = [
 
 EXTRAS = {
     # CPU machines: the pinned combination that openmmtorch's CPU wheels are built against.
-    "cpu": ["torch==2.12.1", "openmm==8.6.1", "acellera-openmmtorch-cpu==1.10"],
+    # OpenMM 8.5.2, not 8.6.x: with openmm 8.6.1 the acellera-openmmtorch 1.10 wheels compute
+    # TorchForce energies correctly but crash (segfault) when a System holding a TorchForce is
+    # deserialized by XmlSerializer (tests/test_torchforce_stack.py); with 8.5.2 it round-trips.
+    "cpu": ["torch==2.12.1", "openmm==8.5.2", "acellera-openmmtorch-cpu==1.10"],
     # CUDA machines (OpenMM CUDA platform + openmm-torch built for that CUDA).
-    "cuda13": ["openmm==8.6.1", "openmm-cuda-13==8.6.1", "acellera-openmmtorch-cu13==1.10"],
-    "cuda12": ["openmm==8.6.1", "openmm-cuda-12==8.6.1", "acellera-openmmtorch-cu12==1.10"],
+    "cuda13": ["openmm==8.5.2", "openmm-cuda-13==8.5.2", "acellera-openmmtorch-cu13==1.10"],
+    "cuda12": ["openmm==8.5.2", "openmm-cuda-12==8.5.2", "acellera-openmmtorch-cu12==1.10"],
     "test": ["pytest>=7", "pytest-timeout>=2.1", "nbformat>=5", "nbclient>=0.7", "ipykernel>=6"],
 }
 
