@@ -1,0 +1,288 @@
+"""Reading structures: all-atom topologies, fixing raw PDBs, and CG topologies of beads.
+
+This module is part of the package's ground floor: it imports no other module of the package.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TopologyError", "load_topology", "fix_pdb", "read_cg_topology", "write_cg_pdb"]
+
+
+class TopologyError(ValueError):
+    """A structure file cannot be read or fixed; the message names the file and what to do."""
+
+
+def load_topology(source: Any):
+    """Return an ``mdtraj.Topology`` for a file, an mdtraj or an OpenMM topology.
+
+    Parameters
+    ----------
+    source
+        A path to any structure file mdtraj can read (PDB, mmCIF, GRO, ...), an
+        ``mdtraj.Topology``/``mdtraj.Trajectory``, an ``openmm.app.Topology``, or an
+        ``openmm.app.PDBFile``/``PDBxFile``.
+
+    Raises
+    ------
+    TopologyError
+        If the file does not exist or cannot be read as a structure.
+    """
+    import mdtraj
+
+    if isinstance(source, mdtraj.Topology):
+        return source
+    if isinstance(source, mdtraj.Trajectory):
+        return source.topology
+    import openmm.app as app
+
+    if isinstance(source, app.Topology):
+        return mdtraj.Topology.from_openmm(source)
+    if isinstance(source, (app.PDBFile, app.PDBxFile)):
+        return mdtraj.Topology.from_openmm(source.topology)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TopologyError(
+            f"cannot make a topology from a {type(source).__name__}; pass a structure file path, "
+            "an mdtraj.Topology or an openmm.app.Topology"
+        )
+    path = Path(source)
+    if not path.is_file():
+        raise TopologyError(f"structure file {str(path)!r} does not exist")
+    try:
+        return mdtraj.load_topology(str(path))
+    except Exception as error:
+        raise TopologyError(
+            f"cannot read a topology from {str(path)!r} ({type(error).__name__}: {error}); "
+            "check that it is a valid PDB/mmCIF/GRO file"
+        ) from error
+
+
+def fix_pdb(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    ph: float = 7.0,
+    keep_heterogens: bool = False,
+    add_missing_residues: bool = False,
+) -> Path:
+    """Complete a raw PDB with pdbfixer: missing heavy atoms and hydrogens (at ``ph``).
+
+    Non-standard residues are replaced by standard ones, heterogens (ligands, ions, water)
+    are removed unless ``keep_heterogens`` is set. Missing residues inside a chain are only
+    built when ``add_missing_residues`` is set (building loops changes the sequence that was
+    resolved in the experiment); missing terminal residues are never added.
+
+    Parameters
+    ----------
+    input_path
+        Raw PDB (or PDBx/mmCIF) file.
+    output_path
+        Where to write the fixed PDB.
+    ph
+        pH for protonation states of the added hydrogens.
+    keep_heterogens
+        Keep ligands, ions and water (default: remove them all).
+    add_missing_residues
+        Build missing internal residues too.
+
+    Returns
+    -------
+    pathlib.Path
+        ``output_path``.
+
+    Raises
+    ------
+    TopologyError
+        If the input cannot be read or fixed.
+    """
+    import openmm.app as app
+    from pdbfixer import PDBFixer
+
+    input_path, output_path = Path(input_path), Path(output_path)
+    if not input_path.is_file():
+        raise TopologyError(f"PDB file {str(input_path)!r} does not exist")
+    try:
+        fixer = PDBFixer(filename=str(input_path))
+        fixer.findMissingResidues()
+        if not add_missing_residues:
+            fixer.missingResidues = {}
+        else:
+            chains = list(fixer.topology.chains())
+            fixer.missingResidues = {
+                key: residues
+                for key, residues in fixer.missingResidues.items()
+                if 0 < key[1] < len(list(chains[key[0]].residues()))
+            }
+        fixer.findNonstandardResidues()
+        fixer.replaceNonstandardResidues()
+        if not keep_heterogens:
+            fixer.removeHeterogens(keepWater=False)
+        fixer.findMissingAtoms()
+        n_missing_atoms = sum(len(atoms) for atoms in fixer.missingAtoms.values())
+        fixer.addMissingAtoms()
+        fixer.addMissingHydrogens(ph)
+    except Exception as error:
+        raise TopologyError(
+            f"pdbfixer could not fix {str(input_path)!r} ({type(error).__name__}: {error})"
+        ) from error
+    logger.info("fixed %s: %d missing heavy atoms added, hydrogens at pH %.1f", input_path, n_missing_atoms, ph)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(output_path, "w") as handle:
+        app.PDBFile.writeFile(fixer.topology, fixer.positions, handle, keepIds=True)
+    return output_path
+
+
+def _read_conect_records(path: Path) -> list[tuple[int, int]]:
+    """Bonds (0-based serial order) from the CONECT records of a PDB file."""
+    serial_to_index: dict[int, int] = {}
+    bonds: set[tuple[int, int]] = set()
+    index = 0
+    with open(path) as handle:
+        lines = handle.readlines()
+    for line in lines:
+        if line.startswith(("ATOM", "HETATM")):
+            try:
+                serial_to_index[int(line[6:11])] = index
+            except ValueError:
+                pass
+            index += 1
+        elif line.startswith("ENDMDL"):
+            break
+    for line in lines:
+        if not line.startswith("CONECT"):
+            continue
+        fields = [line[start : start + 5] for start in range(6, 31, 5)]
+        serials = [int(field) for field in fields if field.strip()]
+        if not serials:
+            continue
+        origin = serial_to_index.get(serials[0])
+        for partner in serials[1:]:
+            target = serial_to_index.get(partner)
+            if origin is not None and target is not None and origin != target:
+                bonds.add((min(origin, target), max(origin, target)))
+    return sorted(bonds)
+
+
+def read_cg_topology(pdb: str | os.PathLike, bonds: list[tuple[int, int]] | None = None):
+    """Read a CG structure (one ATOM record per bead) into an element-free ``openmm.app.Topology``.
+
+    Chains, residues and atom (bead) names are kept; every atom gets ``element=None`` (bead
+    masses are carried separately). Bonds are, in order of preference: ``bonds`` if given,
+    the file's CONECT records, or consecutive beads within each chain.
+
+    Parameters
+    ----------
+    pdb
+        PDB file of beads.
+    bonds
+        CG bonds as pairs of bead indices (overrides the file).
+
+    Returns
+    -------
+    openmm.app.Topology
+
+    Raises
+    ------
+    TopologyError
+        If the file is missing or unreadable, or a bond index is out of range.
+    """
+    import openmm.app as app
+
+    path = Path(pdb)
+    if not path.is_file():
+        raise TopologyError(f"CG structure file {str(path)!r} does not exist")
+    try:
+        source = app.PDBFile(str(path)).topology
+    except Exception as error:
+        raise TopologyError(
+            f"cannot read CG structure {str(path)!r} ({type(error).__name__}: {error})"
+        ) from error
+    topology = app.Topology()
+    atoms = []
+    chain_of_atom = []
+    for chain_index, chain in enumerate(source.chains()):
+        new_chain = topology.addChain(id=chain.id)
+        for residue in chain.residues():
+            new_residue = topology.addResidue(residue.name, new_chain, id=residue.id)
+            for atom in residue.atoms():
+                atoms.append(topology.addAtom(atom.name, None, new_residue))
+                chain_of_atom.append(chain_index)
+    if not atoms:
+        raise TopologyError(f"CG structure {str(path)!r} holds no atoms")
+    if bonds is None:
+        bonds = _read_conect_records(path)
+        if not bonds:
+            bonds = [(index, index + 1) for index in range(len(atoms) - 1) if chain_of_atom[index] == chain_of_atom[index + 1]]
+    for first, second in bonds:
+        if not (0 <= first < len(atoms) and 0 <= second < len(atoms)):
+            raise TopologyError(f"bond ({first}, {second}) is out of range for {len(atoms)} beads in {str(path)!r}")
+        topology.addBond(atoms[first], atoms[second])
+    box = source.getPeriodicBoxVectors()
+    if box is not None:
+        logger.info("%s has a periodic box; CG models are non-periodic and ignore it", path)
+    return topology
+
+
+def write_cg_pdb(topology: Any, positions: Any, path: str | os.PathLike) -> Path:
+    """Write a CG topology and bead positions (nm) as PDB, with CONECT records for every bond.
+
+    OpenMM's ``PDBFile.writeFile`` omits CONECT records for bonds between standard residues;
+    this writer adds them, so that :func:`read_cg_topology` reads back the same bond graph.
+    """
+    import openmm.unit as unit
+
+    path = Path(path)
+    if hasattr(positions, "value_in_unit"):
+        positions = positions.value_in_unit(unit.nanometer)
+    positions = np.asarray(positions, dtype=float).reshape(-1, 3)
+    n_atoms = topology.getNumAtoms()
+    if positions.shape[0] != n_atoms:
+        raise TopologyError(f"{positions.shape[0]} positions for a topology of {n_atoms} beads")
+    atoms = list(topology.atoms())
+    records = []
+    for line in _pdb_atom_lines(topology, positions * 10.0):
+        records.append(line)
+    neighbours: dict[int, list[int]] = {}
+    for bond in topology.bonds():
+        first, second = atoms.index(bond[0]), atoms.index(bond[1])
+        neighbours.setdefault(first, []).append(second)
+        neighbours.setdefault(second, []).append(first)
+    for atom in sorted(neighbours):
+        partners = neighbours[atom]
+        for start in range(0, len(partners), 4):
+            chunk = partners[start : start + 4]
+            records.append("CONECT" + f"{atom + 1:5d}" + "".join(f"{partner + 1:5d}" for partner in chunk))
+    records.append("END")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(records) + "\n")
+    return path
+
+
+def _pdb_atom_lines(topology: Any, positions_angstrom: np.ndarray) -> list[str]:
+    lines = []
+    serial = 0
+    for chain in topology.chains():
+        chain_id = (chain.id or "A")[:1]
+        for residue_number, residue in enumerate(chain.residues(), start=1):
+            try:
+                number = int(residue.id)
+            except (TypeError, ValueError):
+                number = residue_number
+            for atom in residue.atoms():
+                x, y, z = positions_angstrom[serial]
+                serial += 1
+                name = atom.name if len(atom.name) >= 4 else f" {atom.name:<3s}"
+                symbol = atom.element.symbol if atom.element is not None else ""
+                lines.append(
+                    f"ATOM  {serial:5d} {name:4s} {residue.name[:3]:>3s} {chain_id}{number:4d}    "
+                    f"{x:8.3f}{y:8.3f}{z:8.3f}{1.0:6.2f}{0.0:6.2f}          {symbol:>2s}"
+                )
+        lines.append("TER")
+    return lines
