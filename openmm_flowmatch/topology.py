@@ -65,6 +65,23 @@ def load_topology(source: Any):
         ) from error
 
 
+CAPPING_RESIDUES = frozenset({"ACE", "NME", "NMA", "NH2"})
+"""Terminal caps that pdbfixer counts as heterogens but that belong to the peptide."""
+
+
+def _remove_heterogens_keeping_caps(fixer: Any) -> None:
+    """Delete ligands, ions and water from a PDBFixer, keeping the peptide's ACE/NME caps."""
+    import openmm.app as app
+    from pdbfixer.pdbfixer import proteinResidues, dnaResidues, rnaResidues
+
+    kept = set(proteinResidues) | set(dnaResidues) | set(rnaResidues) | CAPPING_RESIDUES
+    heterogens = [residue for residue in fixer.topology.residues() if residue.name not in kept]
+    if heterogens:
+        modeller = app.Modeller(fixer.topology, fixer.positions)
+        modeller.delete(heterogens)
+        fixer.topology, fixer.positions = modeller.topology, modeller.positions
+
+
 def fix_pdb(
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
@@ -123,7 +140,7 @@ def fix_pdb(
         fixer.findNonstandardResidues()
         fixer.replaceNonstandardResidues()
         if not keep_heterogens:
-            fixer.removeHeterogens(keepWater=False)
+            _remove_heterogens_keeping_caps(fixer)
         fixer.findMissingAtoms()
         n_missing_atoms = sum(len(atoms) for atoms in fixer.missingAtoms.values())
         fixer.addMissingAtoms()

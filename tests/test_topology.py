@@ -104,3 +104,19 @@ def test_read_cg_topology_without_conect_and_with_bonds(tmp_path, chignolin_pdb)
         read_cg_topology(path, bonds=[(0, 10)])
     with pytest.raises(TopologyError, match="absent.pdb.* does not exist"):
         read_cg_topology(tmp_path / "absent.pdb")
+
+
+def test_fix_pdb_keeps_peptide_caps_and_rebuilds_hydrogens(tmp_path, alanine_dipeptide_pdb):
+    import openmm.app as app
+
+    from openmm_flowmatch.topology import fix_pdb
+
+    heavy_only = [
+        line
+        for line in alanine_dipeptide_pdb.read_text().splitlines(keepends=True)
+        if not (line.startswith("ATOM") and line[12:16].strip().lstrip("0123456789").startswith("H"))
+    ]
+    (tmp_path / "heavy.pdb").write_text("".join(heavy_only))
+    fixed = app.PDBFile(str(fix_pdb(tmp_path / "heavy.pdb", tmp_path / "fixed.pdb")))
+    assert [residue.name for residue in fixed.topology.residues()] == ["ACE", "ALA", "NME"]
+    assert fixed.topology.getNumAtoms() == 22
