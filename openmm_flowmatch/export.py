@@ -1,0 +1,659 @@
+"""The force-field artifact: one self-describing TorchScript file, and its OpenMM System.
+
+:func:`export_force_field` writes the network term U_net as a TorchScript module with the
+metadata JSON of DESIGN.md ("The force-field artifact") inside the same file
+(``torch.jit.save(..., _extra_files={"openmm_flowmatch.json": ...})``).
+:class:`FlowMatchForceField` reads it back and builds an ``openmm.System`` with bead masses, the
+prior terms as standard OpenMM forces and one network force, either
+``openmmtorch.TorchForce`` (production path; TorchScript, CUDA graphs) or ``openmm.PythonForce``
+(OpenMM ≥ 8.5; the TorchScript, eager or ``torch.compile``d model called from Python).
+
+The scripted module's ``forward(positions)`` takes ``(R·n_beads, 3)`` positions in nm (float32 or
+float64) and returns the summed network energy (0-d, kJ/mol, input dtype) of R independent copies
+of the molecule, evaluated in one batched call. It holds a float32 and a float64 copy of the
+network, so that OpenMM's CPU platform (float64 positions) gets a double-precision energy and a
+mixed-precision CUDA context (float32) a single-precision one.
+
+Example
+-------
+>>> field = FlowMatchForceField.load("ala2_cg.pt")                      # doctest: +SKIP
+>>> topology = field.mapping.cg_topology()                              # doctest: +SKIP
+>>> system = field.create_system(topology, platform_hint="CUDA")        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ARTIFACT_FORMAT_VERSION",
+    "METADATA_FILE",
+    "ArtifactError",
+    "ForceFieldModule",
+    "FlowMatchForceField",
+    "TorchComputation",
+    "build_module",
+    "export_force_field",
+    "replicate_forces",
+    "replicate_topology",
+]
+
+logger = logging.getLogger(__name__)
+
+ARTIFACT_FORMAT_VERSION = 1
+"""Version of the artifact layout (metadata keys and module signature)."""
+
+METADATA_FILE = "openmm_flowmatch.json"
+"""Name of the metadata entry stored next to the TorchScript code in the artifact."""
+
+BACKENDS = ("torchforce", "pythonforce")
+
+
+class ArtifactError(ValueError):
+    """A file is not a valid force-field artifact, or does not fit the topology it is used with."""
+
+
+# ---------------------------------------------------------------------------- the exported module
+class ForceFieldModule(nn.Module):
+    """Energy of R independent copies of a CG molecule, in the dtype of the input.
+
+    Parameters
+    ----------
+    single_model, double_model
+        The same network in float32 and in float64, each mapping ``(batch, n_beads, 3)`` →
+        ``(batch,)`` energies in kJ/mol.
+    n_beads
+        Beads of one copy.
+    """
+
+    def __init__(self, single_model: nn.Module, double_model: nn.Module, n_beads: int) -> None:
+        super().__init__()
+        self.single_model = single_model
+        self.double_model = double_model
+        self.n_beads = int(n_beads)
+
+    def forward(self, positions: Tensor) -> Tensor:
+        """Summed network energy (0-d, kJ/mol) of positions ``(R·n_beads, 3)`` in nm."""
+        if positions.dim() != 2 or positions.size(1) != 3 or positions.size(0) % self.n_beads != 0:
+            raise ValueError(
+                "openmm_flowmatch force field: positions must have shape (R*n_beads, 3) for R copies of the CG "
+                "molecule; the System's particle count does not fit the model's bead count"
+            )
+        batch = positions.reshape(-1, self.n_beads, 3)
+        if positions.dtype == torch.float64:
+            return self.double_model(batch).sum()
+        return self.single_model(batch.to(torch.float32)).sum().to(positions.dtype)
+
+
+def _network_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A CPU copy of ``model`` in ``dtype`` with frozen parameters (no parameter gradients in MD)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        buffer = io.BytesIO()
+        torch.jit.save(model, buffer)
+        buffer.seek(0)
+        duplicate = torch.jit.load(buffer, map_location="cpu")
+    else:
+        duplicate = copy.deepcopy(model).cpu()
+        if hasattr(duplicate, "training_info"):
+            del duplicate.training_info
+    with torch.no_grad():
+        duplicate = duplicate.to(dtype)
+    duplicate.eval()
+    for parameter in duplicate.parameters():
+        parameter.requires_grad_(False)
+    return duplicate
+
+
+def build_module(model: nn.Module, n_beads: int) -> ForceFieldModule:
+    """Eager :class:`ForceFieldModule` around float32 and float64 copies of ``model``.
+
+    The model's Lipschitz projection (if any) is applied first, so that the exported weights
+    obey the bound. ``model`` itself is left unchanged.
+    """
+    if not isinstance(model, torch.jit.ScriptModule):
+        model = copy.deepcopy(model).cpu()
+        if hasattr(model, "project_lipschitz"):
+            model.project_lipschitz()
+    return ForceFieldModule(_network_copy(model, torch.float32), _network_copy(model, torch.float64), n_beads)
+
+
+# ------------------------------------------------------------------------------------ metadata
+def _mapping_description(mapping: Any) -> dict:
+    if mapping is None:
+        raise ArtifactError("export_force_field needs the CG mapping (a CGMapping or its to_dict())")
+    description = mapping.to_dict() if hasattr(mapping, "to_dict") else dict(mapping)
+    missing = [key for key in ("bead_names", "residue_names", "elements", "masses", "bonds") if key not in description]
+    if missing:
+        raise ArtifactError(f"the mapping description lacks {missing}; pass a CGMapping or CGMapping.to_dict()")
+    return json.loads(json.dumps(description))
+
+
+def _json_ready(value: Any) -> Any:
+    """Round-trip through JSON, turning NumPy scalars and arrays into plain numbers and lists."""
+
+    def default(item: Any) -> Any:
+        if isinstance(item, np.ndarray):
+            return item.tolist()
+        if isinstance(item, np.generic):
+            return item.item()
+        if isinstance(item, (Path, torch.dtype, torch.device)):
+            return str(item)
+        raise TypeError(f"cannot store {type(item).__name__} in the artifact metadata")
+
+    return json.loads(json.dumps(value, default=default))
+
+
+def _check_module(module: torch.jit.ScriptModule, n_beads: int) -> None:
+    """Evaluate the scripted module on a random chain in both dtypes; raise if not finite."""
+    generator = torch.Generator().manual_seed(0)
+    steps = 0.15 * torch.nn.functional.normalize(torch.randn(n_beads, 3, generator=generator, dtype=torch.float64), dim=-1)
+    positions = torch.cumsum(steps, dim=0)
+    energies = [module(positions), module(positions.float())]
+    if energies[0].dim() != 0 or energies[0].dtype != torch.float64 or energies[1].dtype != torch.float32:
+        raise ArtifactError("the exported module must return a 0-d energy in the dtype of its input")
+    if not all(bool(torch.isfinite(energy)) for energy in energies):
+        raise ArtifactError("the exported network gives a non-finite energy for a plain chain configuration")
+
+
+def export_force_field(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    priors: Any,
+    mapping: Any,
+    temperature: Any,
+    training: Optional[dict] = None,
+    replicas: int = 1,
+) -> Path:
+    """Write the network term and everything needed to simulate it into one TorchScript file.
+
+    Parameters
+    ----------
+    model
+        Trained network mapping positions ``(batch, n_beads, 3)`` nm → energies ``(batch,)``
+        kJ/mol (:class:`~openmm_flowmatch.forcefield.CGNet`,
+        :class:`~openmm_flowmatch.forcefield.MessagePassingNet` or any scriptable module).
+    path
+        Output file (conventionally ``.pt``); parent folders are created.
+    priors
+        The prior terms the network was trained with (``Priors``, anything with ``to_dict()``),
+        or ``None``. Stored with parameters in OpenMM units; ``create_system`` adds them as
+        standard OpenMM forces.
+    mapping
+        The ``CGMapping`` (or its ``to_dict()``): bead names, residue names, elements, masses,
+        CG bond graph and which atoms made each bead.
+    temperature
+        Temperature of the training data in K (or an ``openmm.unit`` quantity).
+    training
+        How the model was trained (method, frames, epochs, seed, losses …); default the
+        ``training_info`` that :func:`~openmm_flowmatch.forcefield.train_force_field` attached
+        to the model.
+    replicas
+        Number of independent copies the artifact is meant for (recorded as the default of
+        :meth:`FlowMatchForceField.create_system`); the module itself evaluates any number
+        R of copies, given ``(R·n_beads, 3)`` positions.
+
+    Returns
+    -------
+    pathlib.Path
+        The written file.
+
+    Raises
+    ------
+    ArtifactError
+        If the model does not script, its bead count differs from the mapping's, or it gives a
+        non-finite energy.
+    """
+    from openmm_flowmatch import __version__
+    from openmm_flowmatch.units import kelvin
+
+    mapping_description = _mapping_description(mapping)
+    n_beads = len(mapping_description["bead_names"])
+    model_beads = getattr(model, "n_beads", n_beads)
+    if model_beads != n_beads:
+        raise ArtifactError(f"the model takes {model_beads} beads but the mapping defines {n_beads}")
+    if int(replicas) < 1:
+        raise ArtifactError(f"replicas must be >= 1, got {replicas}")
+    if training is None:
+        training = getattr(model, "training_info", None) or {}
+    try:
+        scripted = torch.jit.script(build_module(model, n_beads))
+    except Exception as error:  # noqa: BLE001 - the TorchScript compiler raises many types
+        raise ArtifactError(f"the model cannot be compiled with torch.jit.script: {error}") from error
+    _check_module(scripted, n_beads)
+
+    metadata = {
+        "format_version": ARTIFACT_FORMAT_VERSION,
+        "package": "openmm_flowmatch",
+        "package_version": __version__,
+        "torch_version": torch.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "energy": "network term U_net only, kJ/mol; forward(positions (R*n_beads, 3) nm) -> summed energy",
+        "units": {"length": "nm", "energy": "kJ/mol", "force": "kJ/mol/nm", "temperature": "K", "mass": "amu"},
+        "n_beads": n_beads,
+        "replicas": int(replicas),
+        "bead_names": mapping_description["bead_names"],
+        "residue_names": mapping_description["residue_names"],
+        "elements": mapping_description["elements"],
+        "masses": [float(mass) for mass in mapping_description["masses"]],
+        "bonds": [list(map(int, bond)) for bond in mapping_description["bonds"]],
+        "priors": None if priors is None else priors.to_dict(),
+        "temperature": kelvin(temperature),
+        "mapping": mapping_description,
+        "model": model.config() if hasattr(model, "config") else {"class": type(model).__name__},
+        "training": training,
+    }
+    text = json.dumps(_json_ready(metadata), indent=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(scripted, str(path), _extra_files={METADATA_FILE: text})
+    logger.info("wrote the force-field artifact %s (%d beads)", path, n_beads)
+    return path
+
+
+# -------------------------------------------------------------------------------- replication
+def replicate_topology(cg_topology: Any, replicas: int) -> Any:
+    """A topology of ``replicas`` copies of ``cg_topology`` (each copy in new chains).
+
+    Bead ``i`` of copy ``r`` becomes atom ``r·n_beads + i``; bonds are copied within each copy.
+    """
+    import openmm.app as app
+
+    if replicas < 1:
+        raise ArtifactError(f"replicas must be >= 1, got {replicas}")
+    result = app.Topology()
+    atoms = list(cg_topology.atoms())
+    for replica in range(replicas):
+        new_atoms = {}
+        for chain in cg_topology.chains():
+            new_chain = result.addChain(id=chain.id)
+            for residue in chain.residues():
+                new_residue = result.addResidue(residue.name, new_chain, id=residue.id)
+                for atom in residue.atoms():
+                    new_atoms[atom.index] = result.addAtom(atom.name, atom.element, new_residue)
+        for bond in cg_topology.bonds():
+            result.addBond(new_atoms[bond[0].index], new_atoms[bond[1].index])
+        if len(new_atoms) != len(atoms):  # pragma: no cover - topologies always hold their atoms in chains
+            raise ArtifactError("the CG topology holds atoms outside its chains")
+    return result
+
+
+def replicate_forces(forces: Sequence[Any], n_beads: int, replicas: int) -> list:
+    """Copies of bonded OpenMM forces acting on each of ``replicas`` blocks of ``n_beads`` particles.
+
+    Each returned force holds the terms of the input force for copy 0 (particles 0..n−1), copy 1
+    (n..2n−1), and so on. Supported: HarmonicBond/HarmonicAngle/PeriodicTorsion forces and the
+    Custom Bond/Angle/Torsion/CompoundBond/External forces.
+    """
+    import openmm
+
+    adders = {
+        openmm.HarmonicBondForce: ("getNumBonds", "getBondParameters", "addBond", 2),
+        openmm.HarmonicAngleForce: ("getNumAngles", "getAngleParameters", "addAngle", 3),
+        openmm.PeriodicTorsionForce: ("getNumTorsions", "getTorsionParameters", "addTorsion", 4),
+        openmm.CustomBondForce: ("getNumBonds", "getBondParameters", "addBond", 2),
+        openmm.CustomAngleForce: ("getNumAngles", "getAngleParameters", "addAngle", 3),
+        openmm.CustomTorsionForce: ("getNumTorsions", "getTorsionParameters", "addTorsion", 4),
+        openmm.CustomExternalForce: ("getNumParticles", "getParticleParameters", "addParticle", 1),
+    }
+    result = []
+    for force in forces:
+        replicated = copy.deepcopy(force)
+        if replicas > 1 and isinstance(force, openmm.CustomCompoundBondForce):
+            for replica in range(1, replicas):
+                offset = replica * n_beads
+                for term in range(force.getNumBonds()):
+                    particles, parameters = force.getBondParameters(term)
+                    replicated.addBond([int(p) + offset for p in particles], list(parameters))
+        elif replicas > 1:
+            kind = next((key for key in adders if type(force) is key), None)
+            if kind is None:
+                raise ArtifactError(
+                    f"cannot replicate a prior force of type {type(force).__name__} ({force.getName()}); "
+                    "use replicas=1 or a bonded prior term"
+                )
+            count, getter, adder, n_particles = adders[kind]
+            for replica in range(1, replicas):
+                offset = replica * n_beads
+                for term in range(getattr(force, count)()):
+                    values = list(getattr(force, getter)(term))
+                    particles = [int(p) + offset for p in values[:n_particles]]
+                    rest = values[n_particles:]
+                    if kind in (openmm.CustomBondForce, openmm.CustomAngleForce, openmm.CustomTorsionForce,
+                                openmm.CustomExternalForce):
+                        getattr(replicated, adder)(*particles, list(rest[0]))
+                    else:
+                        getattr(replicated, adder)(*particles, *rest)
+        result.append(replicated)
+    return result
+
+
+# ---------------------------------------------------------------------------- PythonForce backend
+class TorchComputation:
+    """The computation function of an ``openmm.PythonForce``: energy and autograd forces.
+
+    Parameters
+    ----------
+    module
+        A TorchScript or eager module with the artifact's signature (positions ``(N, 3)`` nm →
+        0-d energy kJ/mol).
+    compile
+        Wrap an eager module with ``torch.compile`` (on first use).
+
+    The object is picklable (so that ``XmlSerializer`` can store the PythonForce): a TorchScript
+    module is pickled as its serialized bytes, an eager one with ``torch.save``.
+    """
+
+    def __init__(self, module: nn.Module, compile: bool = False) -> None:
+        if compile and isinstance(module, torch.jit.ScriptModule):
+            raise ArtifactError("torch.compile needs the eager model; use FlowMatchForceField.eager_module()")
+        self.module = module
+        self.compile = bool(compile)
+        self._callable = None
+
+    def _function(self):
+        if self._callable is None:
+            self._callable = torch.compile(self.module, dynamic=False) if self.compile else self.module
+        return self._callable
+
+    def __call__(self, state: Any) -> tuple[float, np.ndarray]:
+        import openmm.unit as unit
+
+        array = np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer), dtype=np.float64)
+        positions = torch.from_numpy(array).requires_grad_(True)
+        energy = self._function()(positions)
+        (gradient,) = torch.autograd.grad(energy, positions)
+        return float(energy.detach()), -gradient.numpy()
+
+    def __getstate__(self) -> dict:
+        buffer = io.BytesIO()
+        if isinstance(self.module, torch.jit.ScriptModule):
+            torch.jit.save(self.module, buffer)
+            kind = "torchscript"
+        else:
+            torch.save(self.module, buffer)
+            kind = "eager"
+        return {"kind": kind, "module": buffer.getvalue(), "compile": self.compile}
+
+    def __setstate__(self, state: dict) -> None:
+        buffer = io.BytesIO(state["module"])
+        if state["kind"] == "torchscript":
+            self.module = torch.jit.load(buffer, map_location="cpu")
+        else:
+            self.module = torch.load(buffer, map_location="cpu", weights_only=False)
+        self.compile = state["compile"]
+        self._callable = None
+
+
+# ---------------------------------------------------------------------------------- the reader
+class FlowMatchForceField:
+    """A loaded force-field artifact: the scripted network, its metadata, and System building.
+
+    Use :meth:`load`; the constructor takes an already loaded module and its metadata.
+    """
+
+    def __init__(self, module: torch.jit.ScriptModule, metadata: dict, path: Optional[Path] = None) -> None:
+        self._module = module
+        self._metadata = metadata
+        self.path = path
+
+    # .......................................................................... reading
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FlowMatchForceField":
+        """Read an artifact written by :func:`export_force_field`.
+
+        Raises
+        ------
+        ArtifactError
+            If the file does not exist, is not TorchScript, holds no ``openmm_flowmatch``
+            metadata, or comes from a newer format version.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ArtifactError(f"{path}: no such force-field file")
+        extra = {METADATA_FILE: ""}
+        try:
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        except Exception as error:  # noqa: BLE001 - torch raises RuntimeError/ValueError/pickle errors
+            raise ArtifactError(
+                f"{path} is not a TorchScript force-field artifact (torch.jit.load failed: {str(error).splitlines()[0]}); "
+                "write one with openmm_flowmatch.export_force_field"
+            ) from error
+        text = extra[METADATA_FILE]
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        if not text:
+            raise ArtifactError(
+                f"{path} is a TorchScript file but holds no {METADATA_FILE} metadata, so it is not an openmm_flowmatch "
+                "artifact; export the model with openmm_flowmatch.export_force_field"
+            )
+        try:
+            metadata = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ArtifactError(f"{path}: the {METADATA_FILE} metadata is not valid JSON ({error})") from error
+        version = metadata.get("format_version")
+        if not isinstance(version, int) or version > ARTIFACT_FORMAT_VERSION:
+            raise ArtifactError(
+                f"{path}: artifact format version {version!r} is not understood by this openmm_flowmatch "
+                f"(knows up to {ARTIFACT_FORMAT_VERSION}); update the package"
+            )
+        for key in ("n_beads", "masses", "bead_names"):
+            if key not in metadata:
+                raise ArtifactError(f"{path}: the metadata lacks {key!r}; re-export the model")
+        return cls(module, metadata, path)
+
+    @property
+    def metadata(self) -> dict:
+        """The artifact's metadata (a copy)."""
+        return copy.deepcopy(self._metadata)
+
+    @property
+    def module(self) -> torch.jit.ScriptModule:
+        """The scripted network term: positions ``(R·n_beads, 3)`` nm → 0-d energy kJ/mol."""
+        return self._module
+
+    @property
+    def n_beads(self) -> int:
+        return int(self._metadata["n_beads"])
+
+    @property
+    def masses(self) -> np.ndarray:
+        """Bead masses in amu."""
+        return np.asarray(self._metadata["masses"], dtype=float)
+
+    @property
+    def temperature(self) -> Optional[float]:
+        """Temperature of the training data in K."""
+        return self._metadata.get("temperature")
+
+    @property
+    def priors(self) -> Any:
+        """The prior terms (``openmm_flowmatch.priors.Priors``) or ``None``."""
+        if self._metadata.get("priors") is None:
+            return None
+        from openmm_flowmatch.priors import Priors
+
+        return Priors.from_dict(self._metadata["priors"])
+
+    @property
+    def mapping(self) -> Any:
+        """The ``CGMapping`` stored in the artifact."""
+        from openmm_flowmatch.mapping import CGMapping
+
+        return CGMapping.from_dict(self._metadata["mapping"])
+
+    def fresh_module(self) -> torch.jit.ScriptModule:
+        """An independent copy of :attr:`module` (reloaded from its serialized form).
+
+        Each network force gets its own copy: TorchScript's profiling executor specialises a
+        module to the input shapes it has seen, and a module shared between Systems of
+        different replica counts falls back to a slow path.
+        """
+        buffer = io.BytesIO()
+        torch.jit.save(self._module, buffer)
+        buffer.seek(0)
+        return torch.jit.load(buffer, map_location="cpu")
+
+    def eager_module(self) -> ForceFieldModule:
+        """The network as an eager (non-TorchScript) module, rebuilt from the stored config.
+
+        Needed for ``torch.compile`` in the PythonForce backend; only for networks of this
+        package (:class:`CGNet`, :class:`MessagePassingNet`).
+        """
+        from openmm_flowmatch.forcefield.networks import network_from_config
+
+        config = self._metadata.get("model") or {}
+        try:
+            network = network_from_config(config)
+        except ValueError as error:
+            raise ArtifactError(f"cannot rebuild an eager model from this artifact: {error}") from error
+        network.load_state_dict(self._module.double_model.state_dict())
+        return build_module(network, self.n_beads)
+
+    # .......................................................................... systems
+    def network_force(
+        self,
+        backend: str = "torchforce",
+        platform_hint: Optional[str] = None,
+        python_module: Optional[nn.Module] = None,
+        compile: bool = False,
+    ) -> Any:
+        """The OpenMM force of the network term (no priors), for any number of copies.
+
+        Parameters
+        ----------
+        backend
+            ``"torchforce"``: ``openmmtorch.TorchForce`` holding the TorchScript module.
+            ``"pythonforce"``: ``openmm.PythonForce`` calling ``python_module`` (default the
+            TorchScript module, or with ``compile=True`` the ``torch.compile``d eager model).
+        platform_hint
+            Name of the OpenMM platform the System will run on; ``"CUDA"`` switches on
+            TorchForce's ``useCUDAGraphs``.
+        python_module
+            Module for the PythonForce backend (same signature as :attr:`module`).
+        compile
+            PythonForce backend only: ``torch.compile`` the eager model.
+
+        Notes
+        -----
+        Both forces serialize with ``openmm.XmlSerializer``: TorchForce stores the TorchScript
+        module itself; PythonForce pickles its :class:`TorchComputation` (the module's bytes), so
+        deserializing it needs ``openmm_flowmatch`` importable, while a TorchForce System needs
+        only OpenMM and openmm-torch.
+        """
+        backend = backend.lower()
+        if backend == "torchforce":
+            import openmmtorch
+
+            force = openmmtorch.TorchForce(self.fresh_module())
+            force.setUsesPeriodicBoundaryConditions(False)
+            if platform_hint is not None and platform_hint.upper() == "CUDA":
+                force.setProperty("useCUDAGraphs", "true")
+        elif backend == "pythonforce":
+            import openmm
+
+            if not hasattr(openmm, "PythonForce"):
+                raise ArtifactError(f"openmm {openmm.__version__} has no PythonForce (needs OpenMM >= 8.5); use backend='torchforce'")
+            module = python_module
+            if module is None:
+                module = self.eager_module() if compile else self.fresh_module()
+            force = openmm.PythonForce(TorchComputation(module, compile=compile))
+            force.setUsesPeriodicBoundaryConditions(False)
+        else:
+            raise ArtifactError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        force.setName("FlowMatchNetwork")
+        return force
+
+    def create_system(
+        self,
+        cg_topology: Any,
+        replicas: Optional[int] = None,
+        backend: str = "torchforce",
+        platform_hint: Optional[str] = None,
+        *,
+        python_module: Optional[nn.Module] = None,
+        compile: bool = False,
+        network_force_group: int = 0,
+    ) -> Any:
+        """An ``openmm.System``: bead masses, prior forces and one network force.
+
+        Parameters
+        ----------
+        cg_topology
+            ``openmm.app.Topology`` of ``replicas`` copies of the CG molecule
+            (``n_beads · replicas`` atoms, e.g. ``replicate_topology(mapping.cg_topology(), R)``).
+        replicas
+            Number of independent, non-interacting copies; default: atoms of the topology
+            divided by the artifact's bead count. All copies go through one batched call of the
+            network; the priors are added as standard forces for every copy.
+        backend
+            ``"torchforce"`` (default) or ``"pythonforce"``, see :meth:`network_force`.
+        platform_hint
+            ``"CUDA"`` switches on CUDA graphs for TorchForce.
+        python_module, compile
+            PythonForce options, see :meth:`network_force`.
+        network_force_group
+            Force group of the network force (priors stay in group 0).
+
+        Raises
+        ------
+        ArtifactError
+            If the topology's atom count is not ``n_beads × replicas``.
+        """
+        from openmm_flowmatch.system import build_cg_system
+
+        n_atoms = cg_topology.getNumAtoms()
+        n_beads = self.n_beads
+        if replicas is None:
+            if n_atoms % n_beads != 0 or n_atoms == 0:
+                raise ArtifactError(self._count_message(n_atoms, "a multiple of"))
+            replicas = n_atoms // n_beads
+        replicas = int(replicas)
+        if replicas < 1:
+            raise ArtifactError(f"replicas must be >= 1, got {replicas}")
+        if n_atoms != n_beads * replicas:
+            raise ArtifactError(self._count_message(n_atoms, f"{replicas} replicas ×"))
+        self._check_names(cg_topology)
+        system = build_cg_system(cg_topology, None, np.tile(self.masses, replicas))
+        priors = self.priors
+        if priors is not None:
+            for force in replicate_forces(priors.to_openmm_forces(), n_beads, replicas):
+                force.setForceGroup(0)
+                system.addForce(force)
+        force = self.network_force(backend, platform_hint, python_module=python_module, compile=compile)
+        force.setForceGroup(int(network_force_group))
+        system.addForce(force)
+        return system
+
+    def _count_message(self, n_atoms: int, how: str) -> str:
+        where = f" ({self.path})" if self.path is not None else ""
+        return (
+            f"the CG topology has {n_atoms} atoms but the force field{where} is for {self.n_beads} beads "
+            f"({', '.join(self._metadata['bead_names'])}); the topology must hold {how} {self.n_beads} beads — "
+            "build it with the artifact's mapping (FlowMatchForceField.mapping.cg_topology()) and "
+            "openmm_flowmatch.export.replicate_topology for several copies"
+        )
+
+    def _check_names(self, cg_topology: Any) -> None:
+        names = self._metadata.get("bead_names") or []
+        atoms = list(cg_topology.atoms())
+        for index, atom in enumerate(atoms[: len(names)]):
+            if atom.name != names[index]:
+                logger.warning(
+                    "bead %d of the topology is named %s but the force field expects %s; check the bead order",
+                    index,
+                    atom.name,
+                    names[index],
+                )
+                return
