@@ -86,7 +86,7 @@ def autograd_energy_and_forces(module_path: str, positions: np.ndarray):
     x = torch.tensor(positions, dtype=torch.float64, requires_grad=True)
     energy = module(x)
     (gradient,) = torch.autograd.grad(energy, x)
-    return float(energy), -gradient.numpy()
+    return float(energy.detach()), -gradient.numpy()
 
 
 @pytest.mark.parametrize("platform_name", ["Reference", "CPU"])
