@@ -489,6 +489,29 @@ class CGMapping:
 
     # ---------------------------------------------------------------- coordinate map
 
+    NAMED_MAPPINGS = {
+        "backbone": "backbone",
+        "alpha_carbons": "alpha_carbons",
+        "ca": "alpha_carbons",
+        "center_of_mass": "center_of_mass",
+        "com": "center_of_mass",
+    }
+    """Names accepted by :meth:`from_name` (and by ``--mapping`` on the command line)."""
+
+    @classmethod
+    def from_name(cls, name: str, topology: Any) -> CGMapping:
+        """Build a mapping by name: ``backbone``, ``alpha_carbons`` (``ca``) or ``center_of_mass`` (``com``).
+
+        Raises
+        ------
+        MappingError
+            If ``name`` is not one of :attr:`NAMED_MAPPINGS`.
+        """
+        constructor = cls.NAMED_MAPPINGS.get(str(name).lower())
+        if constructor is None:
+            raise MappingError(f"unknown mapping {name!r}; use one of {sorted(cls.NAMED_MAPPINGS)} or a CGMapping")
+        return getattr(cls, constructor)(topology)
+
     def coordinate_matrix(self) -> np.ndarray:
         """The coordinate map ``M`` as a dense ``(n_beads, n_atoms)`` array; rows sum to 1."""
         matrix = np.zeros((self.n_beads, self.n_atoms))

@@ -367,3 +367,14 @@ def test_bad_selection_and_topology(alanine):
         CGMapping.backbone(42)
     with pytest.raises(MappingError, match="belongs to beads 0 and 1"):
         CGMapping.from_indices(alanine.topology, [[4, 6], [6, 8]])
+
+
+def test_from_name_builds_the_named_mapping_and_rejects_unknown_names(alanine_dipeptide_pdb):
+    from openmm_flowmatch.mapping import CGMapping, MappingError
+
+    assert CGMapping.from_name("CA", alanine_dipeptide_pdb).bead_atoms == CGMapping.alpha_carbons(
+        alanine_dipeptide_pdb
+    ).bead_atoms
+    assert CGMapping.from_name("backbone", alanine_dipeptide_pdb).n_beads == 5
+    with pytest.raises(MappingError, match="unknown mapping 'sidechains'"):
+        CGMapping.from_name("sidechains", alanine_dipeptide_pdb)

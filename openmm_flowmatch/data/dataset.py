@@ -543,17 +543,12 @@ class CGDataset(torch.utils.data.Dataset):
 
 
 def _resolve_mapping(mapping: Any, topology, mapping_class):
-    names = {
-        "backbone": mapping_class.backbone,
-        "alpha_carbons": mapping_class.alpha_carbons,
-        "ca": mapping_class.alpha_carbons,
-        "center_of_mass": mapping_class.center_of_mass,
-        "com": mapping_class.center_of_mass,
-    }
     if isinstance(mapping, str):
-        if mapping.lower() not in names:
-            raise DatasetError(f"unknown mapping {mapping!r}; use one of {sorted(names)} or a CGMapping")
-        return names[mapping.lower()](topology)
+        if mapping.lower() not in mapping_class.NAMED_MAPPINGS:
+            raise DatasetError(
+                f"unknown mapping {mapping!r}; use one of {sorted(mapping_class.NAMED_MAPPINGS)} or a CGMapping"
+            )
+        return mapping_class.from_name(mapping, topology)
     if isinstance(mapping, dict):
         return mapping_class.from_dict(mapping)
     return mapping

@@ -371,17 +371,12 @@ def resolve_mapping(mapping: str | CGMapping | dict | Callable, topology) -> CGM
     topology
         The all-atom solute topology the mapping must refer to.
     """
-    names = {
-        "backbone": CGMapping.backbone,
-        "alpha_carbons": CGMapping.alpha_carbons,
-        "ca": CGMapping.alpha_carbons,
-        "center_of_mass": CGMapping.center_of_mass,
-        "com": CGMapping.center_of_mass,
-    }
     if isinstance(mapping, str):
-        if mapping.lower() not in names:
-            raise ReferenceGenerationError(f"unknown mapping {mapping!r}; use one of {sorted(names)} or a CGMapping")
-        result = names[mapping.lower()](topology)
+        if mapping.lower() not in CGMapping.NAMED_MAPPINGS:
+            raise ReferenceGenerationError(
+                f"unknown mapping {mapping!r}; use one of {sorted(CGMapping.NAMED_MAPPINGS)} or a CGMapping"
+            )
+        result = CGMapping.from_name(mapping, topology)
     elif isinstance(mapping, dict):
         result = CGMapping.from_dict(mapping)
     elif callable(mapping) and not hasattr(mapping, "force_map"):
