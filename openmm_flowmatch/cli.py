@@ -314,13 +314,17 @@ def command_benchmark(args: argparse.Namespace) -> None:
         if not available:
             logger.info("no benchmarks found (looked for a benchmarks/ folder; give --directory)")
         else:
-            logger.info("benchmarks in %s:\n  %s", directory, "\n  ".join(available))
+            logger.info("benchmarks in %s:\n  %s", directory, "\n  ".join(name.replace("_", "-") for name in available))
         return
-    name = args.name[:-3] if args.name.endswith(".py") else args.name
+    name = (args.name[:-3] if args.name.endswith(".py") else args.name).replace("-", "_")
     if name not in available:
         raise CLIError(
             f"no benchmark {args.name!r}"
-            + (f" in {directory}; available: {', '.join(available)}" if available else "; no benchmarks/ folder found")
+            + (
+                f" in {directory}; available: {', '.join(item.replace('_', '-') for item in available)}"
+                if available
+                else "; no benchmarks/ folder found"
+            )
         )
     command = [sys.executable, str(directory / f"{name}.py"), *args.arguments]
     logger.info("running %s", " ".join(command))

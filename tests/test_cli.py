@@ -183,11 +183,14 @@ def test_debug_shows_traceback(tmp_path):
 def test_benchmark_lists_and_rejects_unknown(tmp_path, capsys):
     (tmp_path / "bench_example.py").write_text("import sys\nopen(sys.argv[1], 'w').write('ran')\n")
     assert cli.main(["benchmark", "--directory", str(tmp_path)]) == 0
-    assert "bench_example" in capsys.readouterr().err
-    assert cli.main(["benchmark", "--directory", str(tmp_path), "bench_example", str(tmp_path / "out.txt")]) == 0
+    assert "bench-example" in capsys.readouterr().err
+    # names are given with hyphens (as listed) or as the file's stem
+    assert cli.main(["benchmark", "--directory", str(tmp_path), "bench-example", str(tmp_path / "out.txt")]) == 0
     assert (tmp_path / "out.txt").read_text() == "ran"
+    assert cli.main(["benchmark", "--directory", str(tmp_path), "bench_example", str(tmp_path / "out2.txt")]) == 0
+    assert (tmp_path / "out2.txt").read_text() == "ran"
     assert cli.main(["benchmark", "--directory", str(tmp_path), "nope"]) == 1
-    assert "available: bench_example" in capsys.readouterr().err
+    assert "available: bench-example" in capsys.readouterr().err
 
 
 def test_analyze_tica_of_identical_data(work):
