@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from openmm_flowmatch.topology import replicate_topology
+
 __all__ = [
     "ARTIFACT_FORMAT_VERSION",
     "METADATA_FILE",
@@ -263,32 +265,6 @@ def export_force_field(
 
 
 # -------------------------------------------------------------------------------- replication
-def replicate_topology(cg_topology: Any, replicas: int) -> Any:
-    """A topology of ``replicas`` copies of ``cg_topology`` (each copy in new chains).
-
-    Bead ``i`` of copy ``r`` becomes atom ``r·n_beads + i``; bonds are copied within each copy.
-    """
-    import openmm.app as app
-
-    if replicas < 1:
-        raise ArtifactError(f"replicas must be >= 1, got {replicas}")
-    result = app.Topology()
-    atoms = list(cg_topology.atoms())
-    for replica in range(replicas):
-        new_atoms = {}
-        for chain in cg_topology.chains():
-            new_chain = result.addChain(id=chain.id)
-            for residue in chain.residues():
-                new_residue = result.addResidue(residue.name, new_chain, id=residue.id)
-                for atom in residue.atoms():
-                    new_atoms[atom.index] = result.addAtom(atom.name, atom.element, new_residue)
-        for bond in cg_topology.bonds():
-            result.addBond(new_atoms[bond[0].index], new_atoms[bond[1].index])
-        if len(new_atoms) != len(atoms):  # pragma: no cover - topologies always hold their atoms in chains
-            raise ArtifactError("the CG topology holds atoms outside its chains")
-    return result
-
-
 def replicate_forces(forces: Sequence[Any], n_beads: int, replicas: int) -> list:
     """Copies of bonded OpenMM forces acting on each of ``replicas`` blocks of ``n_beads`` particles.
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from openmm_flowmatch.topology import replicate_topology
 from openmm_flowmatch.units import kelvin, strip_unit
 
 logger = logging.getLogger(__name__)
@@ -122,26 +123,6 @@ def select_platform(name: str | None = None):
         if candidate in available:
             return openmm.Platform.getPlatformByName(candidate)
     return openmm.Platform.getPlatform(0)
-
-
-def replicate_topology(topology, replicas: int):
-    """An ``openmm.app.Topology`` holding ``replicas`` copies of ``topology`` (one chain per atom chain per copy)."""
-    import openmm.app as app
-
-    if replicas == 1:
-        return topology
-    combined = app.Topology()
-    for _ in range(replicas):
-        atom_map = {}
-        for chain in topology.chains():
-            new_chain = combined.addChain(chain.id)
-            for residue in chain.residues():
-                new_residue = combined.addResidue(residue.name, new_chain, residue.id)
-                for atom in residue.atoms():
-                    atom_map[atom] = combined.addAtom(atom.name, atom.element, new_residue)
-        for bond in topology.bonds():
-            combined.addBond(atom_map[bond[0]], atom_map[bond[1]])
-    return combined
 
 
 # --------------------------------------------------------------------------------------------

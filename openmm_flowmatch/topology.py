@@ -303,3 +303,32 @@ def _pdb_atom_lines(topology: Any, positions_angstrom: np.ndarray) -> list[str]:
                 )
         lines.append("TER")
     return lines
+
+
+def replicate_topology(cg_topology: Any, replicas: int) -> Any:
+    """A topology of ``replicas`` independent copies of ``cg_topology`` (each copy in new chains).
+
+    Bead ``i`` of copy ``r`` becomes atom ``r·n_beads + i``; bonds are copied within each copy.
+    This is the topology that ``FlowMatchForceField.create_system(..., replicas=R)`` expects.
+
+    Raises
+    ------
+    TopologyError
+        If ``replicas`` is smaller than 1.
+    """
+    import openmm.app as app
+
+    if int(replicas) < 1:
+        raise TopologyError(f"replicas must be >= 1, got {replicas}")
+    result = app.Topology()
+    for _ in range(int(replicas)):
+        new_atoms = {}
+        for chain in cg_topology.chains():
+            new_chain = result.addChain(id=chain.id)
+            for residue in chain.residues():
+                new_residue = result.addResidue(residue.name, new_chain, id=residue.id)
+                for atom in residue.atoms():
+                    new_atoms[atom.index] = result.addAtom(atom.name, atom.element, new_residue)
+        for first, second in cg_topology.bonds():
+            result.addBond(new_atoms[first.index], new_atoms[second.index])
+    return result
