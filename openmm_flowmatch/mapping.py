@@ -684,6 +684,16 @@ class CGMapping:
 
     # ---------------------------------------------------------------- serialisation
 
+    def topology_description(self) -> dict:
+        """The CG topology as plain JSON: bead names, residue names, elements, masses (amu), bonds."""
+        return {
+            "bead_names": list(self.bead_names),
+            "residue_names": list(self.residue_names),
+            "elements": list(self.elements),
+            "masses": [float(mass) for mass in self.masses],
+            "bonds": [list(bond) for bond in self.bonds],
+        }
+
     def to_dict(self) -> dict:
         """JSON-able description (goes into the artifact metadata)."""
         return {

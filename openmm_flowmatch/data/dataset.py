@@ -463,13 +463,7 @@ class CGDataset(torch.utils.data.Dataset):
             "trajectories": [path.name for path in files],
             "topology_file": topology_path.name,
             "mapping": cg_mapping.to_dict(),
-            "topology": {
-                "bead_names": list(cg_mapping.bead_names),
-                "residue_names": list(cg_mapping.residue_names),
-                "elements": list(cg_mapping.elements),
-                "masses": [float(mass) for mass in cg_mapping.masses],
-                "bonds": [list(bond) for bond in cg_mapping.bonds],
-            },
+            "topology": cg_mapping.topology_description(),
             "stride": int(stride),
         }
         result = cls.concatenate(datasets)
