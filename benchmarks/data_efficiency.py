@@ -26,7 +26,7 @@ interrupted training/simulation continues from its checkpoint. Several workers m
 
 Usage::
 
-    nice -n 10 python benchmarks/data_efficiency.py --data DIR --work benchmarks/work/data_efficiency \\
+    nice -n 10 python benchmarks/data_efficiency.py --data DIR --work benchmarks/runs/data_efficiency \\
         [--sizes 1000 3000 10000 30000 100000 all] [--seeds 0] [--preset full|quick]
 
 ``DIR`` holds one subdirectory per run with ``chunk_*.npz`` (e.g. the pregenerated
