@@ -70,7 +70,7 @@ import numpy as np
 
 from ..mapping import CGMapping
 from ..units import kelvin, strip_unit
-from .storage import CGTrajectoryFile, StorageError
+from .storage import CGTrajectoryFile, StorageError, ensure_writable_directory
 
 logger = logging.getLogger(__name__)
 
@@ -113,22 +113,6 @@ def replica_seed(seed: int, replica: int) -> int:
     """
     state = np.random.SeedSequence([int(seed), int(replica)]).generate_state(1, dtype=np.uint32)[0]
     return int(state % (2**31 - 2)) + 1
-
-
-def _check_output_directory(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ReferenceGenerationError(
-            f"cannot create the output directory {str(out_dir)!r} ({error.strerror or error}); "
-            "choose a writable output directory"
-        ) from error
-    if not out_dir.is_dir():
-        raise ReferenceGenerationError(f"the output path {str(out_dir)!r} exists and is not a directory")
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise ReferenceGenerationError(
-            f"the output directory {str(out_dir)!r} is not writable; choose a writable output directory"
-        )
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -734,7 +718,7 @@ def generate_reference(
     from .. import __version__
 
     out_dir = Path(out_dir)
-    _check_output_directory(out_dir)
+    ensure_writable_directory(out_dir, ReferenceGenerationError, "output directory")
     temperature = kelvin(temperature)
     duration_ps = float(strip_unit(duration_ps, unit.picosecond))
     time_step_ps = float(strip_unit(time_step_ps, unit.picosecond))

@@ -88,23 +88,26 @@ def _chunk_frames(n_beads: int) -> int:
     return int(max(1, min(4096, _TARGET_CHUNK_BYTES // (12 * max(n_beads, 1)))))
 
 
-def _check_directory_writable(path: Path) -> None:
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.exists():
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise StorageError(
-                f"cannot create the directory {str(directory)!r} for {str(path.name)!r} "
-                f"({error.strerror or error}); choose a writable output directory"
-            ) from error
+def ensure_writable_directory(
+    directory: Path, error_type: type[ValueError] = StorageError, description: str = "directory"
+) -> None:
+    """Create ``directory`` if needed and check that files can be written there.
+
+    Raises ``error_type`` with a message naming the directory (called ``description``) and
+    saying what to do; the reference generator passes its own error type.
+    """
+    directory = Path(directory) if str(directory) else Path(".")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise error_type(
+            f"cannot create the {description} {str(directory)!r} ({error.strerror or error}); "
+            "choose a writable output directory"
+        ) from error
     if not directory.is_dir():
-        raise StorageError(f"{str(directory)!r} is not a directory; cannot write {str(path.name)!r} there")
+        raise error_type(f"{str(directory)!r} is not a directory; choose a writable output directory")
     if not os.access(directory, os.W_OK | os.X_OK):
-        raise StorageError(
-            f"the directory {str(directory)!r} is not writable; cannot write {str(path.name)!r}. "
-            "Choose a writable output directory"
-        )
+        raise error_type(f"the {description} {str(directory)!r} is not writable; choose a writable output directory")
 
 
 def _decode_metadata(raw: Any, path: Path) -> dict:
@@ -181,7 +184,7 @@ class CGTrajectoryFile:
         if mode == "r" and not self.path.is_file():
             raise StorageError(f"CG data file {str(self.path)!r} does not exist")
         if mode != "r":
-            _check_directory_writable(self.path)
+            ensure_writable_directory(self.path.parent)
         creating = mode == "w" or not self.path.exists()
         try:
             self._file = h5py.File(self.path, "w" if creating else mode)
