@@ -356,6 +356,16 @@ def _add_platform(parser: argparse.ArgumentParser, default: str | None = None) -
     parser.add_argument("--threads", type=int, default=None, help="threads of OpenMM's CPU platform (default: all cores)")
 
 
+def _add_training_options(sub: argparse.ArgumentParser, epochs: int, batch_size: int) -> None:
+    """The options every training command shares (budget, optimiser, checkpoint, device, seed)."""
+    sub.add_argument("--epochs", type=int, default=epochs, help="maximum epochs")
+    sub.add_argument("--batch-size", type=int, default=batch_size, help="frames per step")
+    sub.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate")
+    sub.add_argument("--checkpoint", default=None, help="checkpoint file (resumed if it exists)")
+    sub.add_argument("--device", default="cpu", help="torch device")
+    sub.add_argument("--seed", type=int, default=0, help="random seed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``openmm-flowmatch`` (one subparser per subcommand)."""
     from openmm_flowmatch.demo import FULL
@@ -408,14 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("train-flow", command_train_flow, "Train the normalizing-flow teacher on CG positions (maximum likelihood).")
     sub.add_argument("data", nargs="+", help="CG data files or directories")
     sub.add_argument("--out", required=True, help="output flow file (.pt)")
-    sub.add_argument("--epochs", type=int, default=50, help="maximum epochs")
-    sub.add_argument("--batch-size", type=int, default=256, help="frames per step")
-    sub.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate")
+    _add_training_options(sub, epochs=50, batch_size=256)
     sub.add_argument("--blocks", type=int, default=4, help="coupling blocks")
     sub.add_argument("--hidden", type=int, default=128, help="hidden units of the conditioners")
-    sub.add_argument("--checkpoint", default=None, help="checkpoint file (resumed if it exists)")
-    sub.add_argument("--device", default="cpu", help="torch device")
-    sub.add_argument("--seed", type=int, default=0, help="random seed")
 
     sub = add("teacher", command_teacher, "Draw flow samples with forces kT∇log q (kJ/mol/nm), drop outliers, write HDF5.")
     sub.add_argument("flow", help="flow file from `train-flow`")
@@ -433,14 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--priors", default=None, help="priors JSON from `fit-priors`")
     sub.add_argument("--reference", default=None, help="reference data file for the CG bond graph when the data lacks it")
     sub.add_argument("--method", default="flow-matching", choices=["flow-matching", "force-matching"], help="what the forces are")
-    sub.add_argument("--epochs", type=int, default=100, help="maximum epochs")
-    sub.add_argument("--batch-size", type=int, default=128, help="frames per step")
-    sub.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate")
+    _add_training_options(sub, epochs=100, batch_size=128)
     sub.add_argument("--width", type=int, default=160, help="hidden width of the CGnet")
     sub.add_argument("--layers", type=int, default=5, help="residual layers of the CGnet")
-    sub.add_argument("--checkpoint", default=None, help="checkpoint file (resumed if it exists)")
-    sub.add_argument("--device", default="cpu", help="torch device")
-    sub.add_argument("--seed", type=int, default=0, help="random seed")
 
     sub = add("export", command_export, "Write the TorchScript force-field artifact (.pt with metadata) for OpenMM.")
     sub.add_argument("model", help="network file from `train-ff`")
