@@ -37,42 +37,33 @@ class CLIError(ValueError):
 
 
 def _read_data(paths: Sequence[str]) -> dict:
-    """Concatenate CG data files (HDF5 from generate/teacher, or .npz with x/f)."""
+    """Concatenate CG data: HDF5 files or directories of them (through ``CGDataset``), or .npz with x/f."""
     import numpy as np
 
-    from openmm_flowmatch.data.storage import read_cg_file
+    from openmm_flowmatch.data.dataset import CGDataset
 
-    positions, forces, metadata = [], [], None
     for name in paths:
-        path = Path(name)
-        if not path.exists():
-            raise CLIError(f"{path}: no such data file")
-        if path.is_dir():
-            files = sorted(path.glob("replica_*.h5")) or sorted(path.glob("*.h5"))
-            if not files:
-                raise CLIError(f"{path}: directory holds no .h5 data files")
-            part = _read_data([str(f) for f in files])
-            positions.append(part["positions"])
-            if part["forces"] is not None:
-                forces.append(part["forces"])
-            metadata = metadata or part["metadata"]
-            continue
-        if path.suffix == ".npz":
-            with np.load(path) as archive:
-                positions.append(archive["x"] if "x" in archive else archive["positions"])
-                key = "f" if "f" in archive else ("forces" if "forces" in archive else None)
-                if key is not None:
-                    forces.append(archive[key])
-            continue
-        data = read_cg_file(path)
-        positions.append(data["positions"])
-        if data.get("forces") is not None:
-            forces.append(data["forces"])
-        metadata = metadata or data.get("metadata")
+        if not Path(name).exists():
+            raise CLIError(f"{name}: no such data file")
+    archives = [Path(name) for name in paths if Path(name).suffix == ".npz"]
+    hdf5 = [name for name in paths if Path(name).suffix != ".npz"]
+    positions, forces, metadata = [], [], {}
+    if hdf5:
+        dataset = CGDataset.from_files(hdf5)
+        positions.append(dataset.positions)
+        if dataset.forces is not None:
+            forces.append(dataset.forces)
+        metadata = dict(dataset.metadata)
+    for path in archives:
+        with np.load(path) as archive:
+            positions.append(archive["x"] if "x" in archive else archive["positions"])
+            key = "f" if "f" in archive else ("forces" if "forces" in archive else None)
+            if key is not None:
+                forces.append(archive[key])
     return {
         "positions": np.concatenate(positions),
-        "forces": np.concatenate(forces) if len(forces) == len(positions) and forces else None,
-        "metadata": metadata or {},
+        "forces": np.concatenate(forces) if forces and len(forces) == len(positions) else None,
+        "metadata": metadata,
     }
 
 
