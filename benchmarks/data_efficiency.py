@@ -107,7 +107,7 @@ class ProtocolConfig:
     learning_rate: float = 1e-3
     # simulation
     replicas: int = 64
-    simulation_steps: int = 25000
+    simulation_steps: int = 100000
     time_step_ps: float = 0.002
     report_interval: int = 50
     friction_per_ps: float = 1.0
@@ -356,6 +356,29 @@ def convergence_metrics(
     return curve
 
 
+def halves_metrics(replicas: list[np.ndarray], reference: np.ndarray, config: ProtocolConfig, frame_ps: float) -> dict:
+    """Metrics of the first and of the second half of every replica's production part, separately.
+
+    A model whose replicas have relaxed to its own equilibrium gives the same metrics for both
+    halves (up to sampling noise); a drift between them means the simulation is not long enough.
+    """
+    equilibration_frames = int(round(config.equilibration_ps / frame_ps))
+    production = [r[equilibration_frames:] for r in replicas]
+    length = min((len(r) for r in production), default=0)
+    half = length // 2
+    if half < 1:
+        return {}
+    halves = {}
+    for name, window in (("first", slice(0, half)), ("second", slice(half, 2 * half))):
+        pooled = np.concatenate([r[window] for r in production])
+        metrics = phi_psi_metrics(reference, pooled, config.temperature)
+        metrics["aggregate_ns"] = len(production) * half * frame_ps / 1000.0
+        metrics["per_replica_ps"] = [window.start * frame_ps + config.equilibration_ps,
+                                     window.stop * frame_ps + config.equilibration_ps]
+        halves[name] = metrics
+    return halves
+
+
 # ------------------------------------------------------------------------------------- stages
 
 
@@ -508,10 +531,47 @@ def stage_metrics(unit: Path, reference: np.ndarray, mapping: Any, config: Proto
     curve = convergence_metrics(replicas, reference, config, frame_ps) if replicas else []
     record["convergence"] = curve
     record["final"] = curve[-1] if curve else None
+    record["halves"] = halves_metrics(replicas, reference, config, frame_ps) if replicas else {}
     return record
 
 
 # ------------------------------------------------------------------------------------- protocol
+
+
+def simulation_is_current(unit: Path, config: ProtocolConfig) -> bool:
+    """Whether the unit's simulation record covers ``config.simulation_steps`` (or blew up before)."""
+    marker = unit / STAGE_FILES["simulation"]
+    if not marker.exists():
+        return False
+    record = read_json(marker)
+    return record.get("status") == "blew_up" or int(record.get("steps", 0)) >= config.simulation_steps
+
+
+def mark_simulation_for_extension(unit: Path, config: ProtocolConfig) -> dict:
+    """Prepare a finished but shorter simulation to be continued to ``config.simulation_steps``.
+
+    The simulation and metrics records are moved aside (the trajectories and the checkpoint stay,
+    so :func:`run_simulation` continues from the last step). Returns what the new simulation
+    record keeps of the old one (its steps and wall time), or ``{}`` when nothing is extended.
+    """
+    marker = unit / STAGE_FILES["simulation"]
+    if marker.exists():
+        if simulation_is_current(unit, config):
+            return {}
+        record = read_json(marker)
+        logger.info("%s: extending the simulation from %d to %d steps", unit, record["steps"], config.simulation_steps)
+        for name in (STAGE_FILES["metrics"], STAGE_FILES["simulation"]):
+            path = unit / name
+            if path.exists():
+                os.replace(path, path.with_name(f"{path.stem}.steps{int(record['steps'])}.json"))
+    earlier = sorted(unit.glob("simulation.steps*.json"), key=lambda path: int(path.stem.split("steps")[-1]))
+    if not earlier:
+        return {}
+    record = read_json(earlier[-1])  # also after an interrupted extension
+    return {
+        "extended_from_steps": int(record["steps"]),
+        "earlier_wall_seconds": float(record.get("wall_seconds", 0.0)) + float(record.get("earlier_wall_seconds", 0.0)),
+    }
 
 
 def unit_directory(work: Path, seed: int, n_frames: int, method: str) -> Path:
@@ -561,9 +621,10 @@ def run_unit(
             lambda: stage_force_field(unit, positions, forces, priors, mapping, config, method, seed),
         )
     starts = positions[np.linspace(0, len(positions) - 1, config.replicas).round().astype(int)].astype(np.float64)
+    previous = mark_simulation_for_extension(unit, config)
     simulation = log.run_stage(
         f"{tag}: simulation", unit / STAGE_FILES["simulation"],
-        lambda: stage_simulation(unit, starts, mapping, config, seed),
+        lambda: {**stage_simulation(unit, starts, mapping, config, seed), **previous},
     )
     log.run_stage(
         f"{tag}: metrics", unit / STAGE_FILES["metrics"],
@@ -602,7 +663,8 @@ def run_protocol(
         for n_frames in sizes:
             for method in methods:
                 lock = UnitLock(unit_directory(work, seed, n_frames, method) / "worker.lock")
-                if (unit_directory(work, seed, n_frames, method) / STAGE_FILES["metrics"]).exists():
+                unit = unit_directory(work, seed, n_frames, method)
+                if (unit / STAGE_FILES["metrics"]).exists() and simulation_is_current(unit, config):
                     log.events.append({"stage": f"seed {seed}, N={n_frames}, {method}", "status": "cached"})
                     continue
                 if not lock.acquire():
@@ -658,7 +720,11 @@ def collect_results(work: Path) -> dict:
                         stages[name] = read_json(unit / marker)
                 if not stages:
                     continue
-                record["complete"] = "metrics" in stages
+                simulation = stages.get("simulation", {})
+                record["complete"] = "metrics" in stages and (
+                    simulation.get("status") == "blew_up"
+                    or int(simulation.get("steps", 0)) >= int(config["simulation_steps"])
+                )
                 record["stages_finished"] = sorted(stages)
                 for name in ("flow", "teacher", "force_field", "simulation"):
                     if name in stages:
@@ -666,8 +732,12 @@ def collect_results(work: Path) -> dict:
                 if "metrics" in stages:
                     record["metrics"] = stages["metrics"]["final"]
                     record["convergence"] = stages["metrics"]["convergence"]
+                    record["halves"] = stages["metrics"].get("halves", {})
                     record["simulation_status"] = stages["metrics"]["simulation_status"]
                 record["wall_seconds"] = {name: stage.get("wall_seconds") for name, stage in stages.items()}
+                if "simulation" in stages and stages["simulation"].get("earlier_wall_seconds") is not None:
+                    # an extended simulation: the run up to the earlier length plus the extension
+                    record["wall_seconds"]["simulation"] += stages["simulation"]["earlier_wall_seconds"]
                 records.append(record)
     expected = len(config["seeds"]) * len(config["sizes"]) * len(METHODS)
     complete = [r for r in records if r.get("complete")]
@@ -709,6 +779,11 @@ def summarize(records: list[dict]) -> list[dict]:
             if values:
                 row[metric] = {"mean": float(np.mean(values)), "min": float(np.min(values)),
                                "max": float(np.max(values)), "n": len(values)}
+        for half in ("first", "second"):
+            values = {m: [r["halves"][half][m] for r in group if r.get("halves") and r["halves"][half].get(m) is not None]
+                      for m in ("fes_mse", "js_divergence")}
+            if all(values.values()):
+                row[f"{half}_half"] = {m: float(np.mean(v)) for m, v in values.items()}
         teachers = [r["teacher"]["teacher_vs_reference"] for r in group if "teacher" in r]
         if teachers:
             row["teacher"] = {m: float(np.mean([t[m] for t in teachers])) for m in ("fes_mse", "js_divergence", "kl_divergence")}
@@ -810,6 +885,24 @@ def markdown_table(results: dict) -> str:
                 values.append(f"{np.mean(times):.0f}" if times else "—")
             cells.append(" / ".join(values))
         lines.append(f"| {n_frames} | {cells[0]} | {cells[1]} |")
+    for other in results.get("comparisons", []):
+        rows = {(r["n_frames"], r["method"]): r for r in other["summary"]}
+        ratios = {r["n_frames"]: r.get("ratio") for r in other["data_efficiency_ratio"].get("fes_mse", [])}
+        lines += [
+            "",
+            f"{other['label']} (seeds {other['seeds']}, work directory {other['work']}):",
+            "",
+            "| N frames | FES MSE FM | FES MSE FlM | JS FM | JS FlM | ratio (FES MSE) |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for n_frames in sorted({n for n, _ in rows}):
+            fm, flm = rows.get((n_frames, "force-matching"), {}), rows.get((n_frames, "flow-matching"), {})
+            ratio = ratios.get(n_frames)
+            ratio_text = f"{ratio:.3g}" if isinstance(ratio, float) else (ratio or "—")
+            lines.append(
+                f"| {n_frames} | {cell(fm, 'fes_mse')} | {cell(flm, 'fes_mse')} | {cell(fm, 'js_divergence')} | "
+                f"{cell(flm, 'js_divergence')} | {ratio_text} |"
+            )
     return "\n".join(lines)
 
 
@@ -834,7 +927,7 @@ def plot_results(results: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    figure, axes = plt.subplots(1, 4, figsize=(21, 4.8))
     colors = {"force-matching": "tab:blue", "flow-matching": "tab:red"}
     summary = results["summary"]
     for column, metric, label in ((0, "fes_mse", "φ/ψ FES MSE (kcal/mol)²"), (1, "js_divergence", "φ/ψ JS divergence")):
@@ -852,6 +945,13 @@ def plot_results(results: dict, path: Path) -> Path:
             for r in results["results"]:
                 if r["method"] == method and r.get("metrics") and r["metrics"].get(metric) is not None:
                     axis.scatter(r["n_frames"], r["metrics"][metric], s=8, color=colors[method], alpha=0.4)
+        for other in results.get("comparisons", []):
+            for method in METHODS:
+                rows = [r for r in other["summary"] if r["method"] == method and metric in r]
+                if rows:
+                    axis.plot([r["n_frames"] for r in rows], [r[metric]["mean"] for r in rows], ":", marker="D",
+                              mfc="none", color=colors[method],
+                              label=f"{method}, {other['label']} (seeds {other['seeds']})")
         teacher = [r for r in summary if r["method"] == "flow-matching" and "teacher" in r]
         if teacher:
             axis.plot([r["n_frames"] for r in teacher], [r["teacher"][metric] for r in teacher], "s--",
@@ -887,6 +987,7 @@ def plot_results(results: dict, path: Path) -> Path:
     axis.set_title("convergence, every seed (solid: flow-matching, dashed: force matching)", fontsize=9)
     axis.legend(fontsize=6, ncol=2)
     axis.grid(alpha=0.3, which="both")
+    _plot_halves(axes[3], results, colors)
     status = "" if results["status"] == "complete" else f"  [PARTIAL: {results['units_complete']}/{results['units_expected']} units]"
     seeds = sorted({r["seed"] for r in results["results"]})
     figure.suptitle(f"Alanine dipeptide data efficiency (bars: min–max over seeds {seeds}){status}")
@@ -895,6 +996,32 @@ def plot_results(results: dict, path: Path) -> Path:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def _plot_halves(axis: Any, results: dict, colors: dict) -> None:
+    """Second half vs first half of every model's production run: on the diagonal = no drift."""
+    values = []
+    for method in METHODS:
+        pairs = [(r["halves"]["first"]["fes_mse"], r["halves"]["second"]["fes_mse"]) for r in results["results"]
+                 if r["method"] == method and r.get("halves") and r["halves"]["first"].get("fes_mse") is not None
+                 and r["halves"]["second"].get("fes_mse") is not None]
+        if pairs:
+            first, second = np.array(pairs).T
+            axis.scatter(first, second, s=14, color=colors[method], label=method)
+            values.extend(first.tolist() + second.tolist())
+    if not values:
+        axis.set_visible(False)
+        return
+    low, high = min(values) / 1.2, max(values) * 1.2
+    axis.plot([low, high], [low, high], color="black", lw=0.8)
+    _log_axes(axis)
+    axis.set_xlim(low, high)
+    axis.set_ylim(low, high)
+    axis.set_xlabel("FES MSE, first half of production (kcal/mol)²")
+    axis.set_ylabel("FES MSE, second half (kcal/mol)²")
+    axis.set_title("stationarity: every model, halves of equal length", fontsize=9)
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3, which="both")
 
 
 def _log_axes(axis: Any) -> None:
@@ -915,8 +1042,28 @@ def _log_axes(axis: Any) -> None:
             setter("log")
 
 
-def write_results(work: Path, results_directory: Path, command: str) -> dict:
+def comparison(work: Path, main_protocol: dict) -> dict:
+    """A second work directory (e.g. another budget) summarised next to the main sweep."""
+    other = collect_results(work)
+    differing = {
+        key: value for key, value in other["protocol"].items()
+        if key not in ("sizes", "seeds") and main_protocol.get(key) != value
+    }
+    label = ", ".join(f"{key}={value}" for key, value in sorted(differing.items())) or "same settings"
+    return {
+        "work": Path(work).name,
+        "label": label,
+        "settings_differing": differing,
+        "seeds": other["protocol"]["seeds"],
+        "units_complete": other["units_complete"],
+        "summary": other["summary"],
+        "data_efficiency_ratio": other["data_efficiency_ratio"],
+    }
+
+
+def write_results(work: Path, results_directory: Path, command: str, compare: Sequence[Path] = ()) -> dict:
     results = collect_results(work)
+    results["comparisons"] = [comparison(path, results["protocol"]) for path in compare]
     results.update(environment())
     results["command"] = command
     results["written"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -932,7 +1079,7 @@ def write_results(work: Path, results_directory: Path, command: str) -> dict:
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="directory of runs holding chunk_*.npz (x, f)")
-    parser.add_argument("--work", type=Path, default=REPOSITORY / "benchmarks" / "work" / "data_efficiency",
+    parser.add_argument("--work", type=Path, default=REPOSITORY / "benchmarks" / "runs" / "data_efficiency",
                         help="cache directory of every stage (re-runs continue here)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and PNG go")
     parser.add_argument("--pdb", type=Path, default=None, help="all-atom structure for the bead map (default: bundled ala2)")
@@ -945,6 +1092,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true", help="only collect finished stages into the results")
     parser.add_argument("--markdown", action="store_true", help="also print the results table as Markdown")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a ProtocolConfig field")
+    parser.add_argument("--compare", nargs="+", type=Path, default=[], metavar="WORK",
+                        help="other work directories (e.g. another budget) to summarise and plot next to this one")
     return parser.parse_args(argv)
 
 
@@ -979,8 +1128,10 @@ def check_work_config(work: Path, config: ProtocolConfig) -> None:
     defaults = ProtocolConfig().to_dict()  # a field added after the run started had its default value
     mismatched = [
         k for k, v in config.to_dict().items()
-        if k not in ("sizes", "seeds") and old.get(k, _jsonable(defaults[k])) != _jsonable(v)
+        if k not in ("sizes", "seeds", "simulation_steps") and old.get(k, _jsonable(defaults[k])) != _jsonable(v)
     ]
+    if config.simulation_steps < old.get("simulation_steps", defaults["simulation_steps"]):
+        mismatched.append("simulation_steps (it may only grow: finished simulations are extended)")
     if mismatched:
         raise ProtocolError(
             f"{work} was run with other settings ({', '.join(mismatched)}); use another --work directory "
@@ -1015,7 +1166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed = [event["stage"] for event in log.events if event["status"] == "failed"]
         if not (Path(arguments.work) / "config.json").exists():
             raise ProtocolError(f"{arguments.work} holds no run yet; start one with --data DIR")
-        results = write_results(arguments.work, arguments.results, command)
+        results = write_results(arguments.work, arguments.results, command, arguments.compare)
     except ProtocolError as error:
         logger.error("%s", error)
         return 2

@@ -153,3 +153,38 @@ def test_efficiency_ratio_of_a_power_law(benchmark):
         assert rows[n]["frames_needed"] == 10 * n
     # beyond the largest measured force-matching size only a lower bound is known
     assert rows[100000]["ratio"] == "> 1"
+
+
+def test_longer_simulation_extends_finished_units(benchmark, data_directory, finished_run, tmp_path):
+    """--set simulation_steps=<more> continues every finished simulation; training stays cached."""
+    import mdtraj
+
+    work, results = tmp_path / "work", tmp_path / "results"
+    argv = ["--data", str(data_directory), "--work", str(work), "--results", str(results), "--preset", "quick"]
+    assert benchmark.main(argv) == 0
+    unit = work / "seed0" / "n60" / "force-matching"
+    topology = unit / "simulation" / "topology.pdb"
+    before = mdtraj.load(str(unit / "simulation" / "replica_000.dcd"), top=str(topology)).xyz
+    trained = {path: path.stat().st_mtime_ns for path in work.rglob("model.json")}
+    assert len(trained) == 2
+
+    assert benchmark.main([*argv, "--set", "simulation_steps=400"]) == 0
+    after = mdtraj.load(str(unit / "simulation" / "replica_000.dcd"), top=str(topology)).xyz
+    assert len(before) == 20 and len(after) == 40  # report interval 10 steps
+    np.testing.assert_array_equal(after[:20], before)  # continued, not started again
+    assert {path: path.stat().st_mtime_ns for path in work.rglob("model.json")} == trained
+    payload = json.loads((results / "data_efficiency.json").read_text())
+    assert payload["status"] == "complete" and payload["protocol"]["simulation_steps"] == 400
+    for record in payload["results"]:
+        assert record["simulation"]["steps"] == 400 and record["simulation"]["extended_from_steps"] == 200
+        # 2 replicas × (400 steps × 2 fs − 0.04 ps equilibration)
+        assert record["convergence"][-1]["aggregate_ns"] == pytest.approx(2 * (0.8 - 0.04) / 1000.0, rel=1e-6)
+        assert record["halves"]["first"]["per_replica_ps"][1] == pytest.approx(record["halves"]["second"]["per_replica_ps"][0])
+    # shorter simulations than the ones already run are refused
+    assert benchmark.main([*argv, "--set", "simulation_steps=200"]) == 2
+    # another work directory is summarised next to this one, labelled by the settings that differ
+    shorter_work = finished_run[0]
+    assert benchmark.main(["--work", str(work), "--results", str(results), "--report-only",
+                           "--compare", str(shorter_work)]) == 0
+    (other,) = json.loads((results / "data_efficiency.json").read_text())["comparisons"]
+    assert other["settings_differing"] == {"simulation_steps": 200} and other["units_complete"] == 2
