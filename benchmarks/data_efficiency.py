@@ -23,6 +23,9 @@ measures it end to end through OpenMM:
 Every stage writes its output under ``--work`` atomically; a re-run skips finished stages, and
 interrupted training/simulation continues from its checkpoint. Several workers may run at once
 (``--order descending`` for the second): each (seed, N, method) unit is taken under a lock file.
+A work directory holds one protocol; only ``--set simulation_steps=<more>`` may change it, which
+continues every finished simulation from its checkpoint and recomputes the metrics.
+``--compare OTHER_WORK`` summarises a second work directory (e.g. another budget) alongside.
 
 Usage::
 
