@@ -153,7 +153,7 @@ def command_teacher(args: argparse.Namespace) -> None:
 
 
 def command_train_ff(args: argparse.Namespace) -> None:
-    from openmm_flowmatch.demo import save_network
+    from openmm_flowmatch.forcefield import save_network
     from openmm_flowmatch.forcefield.training import train_force_field
     from openmm_flowmatch.priors import Priors
 
@@ -174,7 +174,7 @@ def command_train_ff(args: argparse.Namespace) -> None:
 
 
 def command_export(args: argparse.Namespace) -> None:
-    from openmm_flowmatch.demo import load_network
+    from openmm_flowmatch.forcefield import load_network
     from openmm_flowmatch.export import export_force_field
     from openmm_flowmatch.priors import Priors
 

@@ -31,9 +31,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from openmm_flowmatch.forcefield.networks import load_network, save_network
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["DemoError", "DemoSizes", "FULL", "QUICK", "run_demo", "save_network", "load_network", "STAGES"]
+__all__ = ["DemoError", "DemoSizes", "FULL", "QUICK", "run_demo", "STAGES"]
 
 STAGES = ("reference", "priors", "flow", "teacher", "forcefield", "export", "simulate", "analyze")
 REPORT_FILE = "demo_report.json"
@@ -102,52 +104,6 @@ QUICK = DemoSizes(
     report_interval=20,
 )
 """Tiny sizes for tests (seconds); the result is not meant to look like alanine dipeptide."""
-
-
-# --------------------------------------------------------------------------------------------
-# network files
-# --------------------------------------------------------------------------------------------
-
-
-def save_network(model, path: str | Path) -> Path:
-    """Save a trained CG network (config, weights, training info) to ``path`` (``torch.save``)."""
-    import torch
-
-    if not hasattr(model, "config"):
-        raise DemoError(f"{type(model).__name__} has no config(); only networks of openmm_flowmatch can be saved")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "kind": "openmm_flowmatch.network",
-            "config": model.config(),
-            "state_dict": model.state_dict(),
-            "training_info": getattr(model, "training_info", None),
-        },
-        path,
-    )
-    return path
-
-
-def load_network(path: str | Path):
-    """Read a network written by :func:`save_network` (in eval mode, ``training_info`` restored)."""
-    import torch
-
-    from openmm_flowmatch.forcefield.networks import network_from_config
-
-    path = Path(path)
-    if not path.exists():
-        raise DemoError(f"{path}: no such network file")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for unreadable files
-        raise DemoError(f"{path}: not a network file written by openmm-flowmatch train-ff ({error})") from error
-    if not isinstance(content, dict) or content.get("kind") != "openmm_flowmatch.network":
-        raise DemoError(f"{path}: not a network file written by openmm-flowmatch train-ff")
-    model = network_from_config(content["config"])
-    model.load_state_dict(content["state_dict"])
-    model.training_info = content.get("training_info") or {}
-    return model.eval()
 
 
 # --------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def test_train_flow_and_teacher(work):
 
 
 def test_train_ff_and_export_agree(work):
-    from openmm_flowmatch.demo import load_network
+    from openmm_flowmatch.forcefield import load_network
     from openmm_flowmatch.export import FlowMatchForceField
 
     directory, codes = work

@@ -98,10 +98,12 @@ def test_cli_demo_quick_uses_the_cache(quick_demo, capsys):
 
 def test_network_file_round_trip(quick_demo):
     directory, _, _ = quick_demo
-    network = demo.load_network(directory / "forcefield_network.pt")
+    from openmm_flowmatch.forcefield import load_network, save_network
+
+    network = load_network(directory / "forcefield_network.pt")
     positions = torch.randn(3, 5, 3) * 0.2
-    again_path = demo.save_network(network, directory / "again.pt")
-    again = demo.load_network(again_path)
+    again_path = save_network(network, directory / "again.pt")
+    again = load_network(again_path)
     torch.testing.assert_close(network(positions), again(positions))
     assert network.training_info["method"] == "flow-matching"
 

@@ -3,7 +3,8 @@
 - :mod:`~openmm_flowmatch.forcefield.features`: :class:`InvariantFeatures` (bonds, angles,
   dihedral cos/sin, non-bonded distances, z-scored with stored training statistics).
 - :mod:`~openmm_flowmatch.forcefield.networks`: :class:`CGNet` (CGnet-style residual MLP, optional
-  Lipschitz bound) and :class:`MessagePassingNet` (SchNet-like, all bead pairs).
+  Lipschitz bound) and :class:`MessagePassingNet` (SchNet-like, all bead pairs);
+  :func:`save_network` / :func:`load_network` for trained networks (``train-ff`` files).
 - :mod:`~openmm_flowmatch.forcefield.training`: :func:`train_force_field`, force matching on
   teacher forces (flow-matching) or mapped all-atom forces (force matching).
 
@@ -11,7 +12,15 @@ This package never imports :mod:`openmm_flowmatch.flows`; the two meet through t
 """
 
 from .features import FeatureError, InvariantFeatures, chain_bonds, graph_distances
-from .networks import ACTIVATIONS, CGNet, MessagePassingNet, network_from_config
+from .networks import (
+    ACTIVATIONS,
+    CGNet,
+    MessagePassingNet,
+    NetworkFileError,
+    load_network,
+    network_from_config,
+    save_network,
+)
 from .training import METHODS, TrainingError, force_matching_loss, forces_of, train_force_field
 
 __all__ = [
@@ -21,11 +30,14 @@ __all__ = [
     "InvariantFeatures",
     "METHODS",
     "MessagePassingNet",
+    "NetworkFileError",
     "TrainingError",
     "chain_bonds",
     "force_matching_loss",
     "forces_of",
     "graph_distances",
+    "load_network",
     "network_from_config",
+    "save_network",
     "train_force_field",
 ]

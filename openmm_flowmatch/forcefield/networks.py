@@ -20,6 +20,7 @@ Both networks also accept a single configuration ``(n_beads, 3)`` and then retur
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 import torch
@@ -27,7 +28,17 @@ from torch import Tensor, nn
 
 from .features import FeatureError, InvariantFeatures, _dihedral_quadruples, _validated_bonds
 
-__all__ = ["CGNet", "MessagePassingNet", "network_from_config", "ACTIVATIONS"]
+__all__ = [
+    "CGNet", "MessagePassingNet", "network_from_config", "save_network", "load_network", "NetworkFileError",
+    "ACTIVATIONS",
+]
+
+NETWORK_FILE_KIND = "openmm_flowmatch.network"
+"""The ``kind`` entry of a network file written by :func:`save_network`."""
+
+
+class NetworkFileError(ValueError):
+    """A network file that cannot be written or read (missing, unreadable, or of another kind)."""
 
 ACTIVATIONS = {"tanh": nn.Tanh, "silu": nn.SiLU, "softplus": nn.Softplus, "relu": nn.ReLU}
 """Activation functions by name (``relu`` is offered but gives discontinuous forces)."""
@@ -306,3 +317,50 @@ def network_from_config(config: dict[str, Any]) -> nn.Module:
     if name == "MessagePassingNet":
         return MessagePassingNet(**config)
     raise FeatureError(f"unknown network class {name!r} in the network config (expected CGNet or MessagePassingNet)")
+
+
+def save_network(model: nn.Module, path: str | Path) -> Path:
+    """Save a trained CG network (config, weights, training info) to ``path`` (``torch.save``).
+
+    Raises
+    ------
+    NetworkFileError
+        If the model has no ``config()`` (it is not a network of this package).
+    """
+    if not hasattr(model, "config"):
+        raise NetworkFileError(f"{type(model).__name__} has no config(); only networks of openmm_flowmatch can be saved")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "kind": NETWORK_FILE_KIND,
+            "config": model.config(),
+            "state_dict": model.state_dict(),
+            "training_info": getattr(model, "training_info", None),
+        },
+        path,
+    )
+    return path
+
+
+def load_network(path: str | Path) -> nn.Module:
+    """Read a network written by :func:`save_network` (in eval mode, ``training_info`` restored).
+
+    Raises
+    ------
+    NetworkFileError
+        If the file is missing, unreadable or not a network file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise NetworkFileError(f"{path}: no such network file")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many types for unreadable files
+        raise NetworkFileError(f"{path}: not a network file written by openmm-flowmatch train-ff ({error})") from error
+    if not isinstance(content, dict) or content.get("kind") != NETWORK_FILE_KIND:
+        raise NetworkFileError(f"{path}: not a network file written by openmm-flowmatch train-ff")
+    model = network_from_config(content["config"])
+    model.load_state_dict(content["state_dict"])
+    model.training_info = content.get("training_info") or {}
+    return model.eval()
