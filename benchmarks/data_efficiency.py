@@ -54,6 +54,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from openmm_flowmatch.analysis import jsonable
+from openmm_flowmatch.data.dataset import evenly_spaced_indices
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 RESULTS = REPOSITORY / "benchmarks" / "results"
 METHODS = ("force-matching", "flow-matching")
@@ -151,30 +154,13 @@ def atomic_write_json(path: Path, payload: Any) -> Path:
     """Write JSON to ``path`` via a temporary file and rename (a killed run leaves no half file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(_jsonable(payload), indent=1, sort_keys=True) + "\n")
+    temporary.write_text(json.dumps(jsonable(payload), indent=1, sort_keys=True) + "\n")
     os.replace(temporary, path)
     return path
 
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    return value
 
 
 class UnitLock:
@@ -311,13 +297,6 @@ def resolve_size(size: Any, pool_frames: int) -> int:
     return n_frames
 
 
-def training_indices(pool_frames: int, n_frames: int) -> np.ndarray:
-    """``n_frames`` pool indices evenly spaced in time (the same rule as ``CGDataset.subsample``)."""
-    if n_frames >= pool_frames:
-        return np.arange(pool_frames)
-    return np.unique(np.round(np.linspace(0, pool_frames - 1, n_frames)).astype(np.int64))
-
-
 # ------------------------------------------------------------------------------------- metrics
 
 
@@ -338,13 +317,18 @@ def trajectory_positions(paths: Sequence[Path], topology: Any) -> list[np.ndarra
     return [load_positions(path, topology) for path in paths if Path(path).exists()]
 
 
+def production_parts(replicas: list[np.ndarray], config: ProtocolConfig, frame_ps: float) -> tuple[list, int]:
+    """Every replica without its first ``equilibration_ps``, and the shortest remaining length."""
+    equilibration_frames = int(round(config.equilibration_ps / frame_ps))
+    production = [r[equilibration_frames:] for r in replicas]
+    return production, min((len(r) for r in production), default=0)
+
+
 def convergence_metrics(
     replicas: list[np.ndarray], reference: np.ndarray, config: ProtocolConfig, frame_ps: float
 ) -> list[dict]:
     """Metrics on the first fraction f of every replica's production part, for each f."""
-    equilibration_frames = int(round(config.equilibration_ps / frame_ps))
-    production = [r[equilibration_frames:] for r in replicas]
-    length = min((len(r) for r in production), default=0)
+    production, length = production_parts(replicas, config, frame_ps)
     curve = []
     for fraction in config.convergence_fractions:
         frames = int(round(fraction * length))
@@ -365,9 +349,7 @@ def halves_metrics(replicas: list[np.ndarray], reference: np.ndarray, config: Pr
     A model whose replicas have relaxed to its own equilibrium gives the same metrics for both
     halves (up to sampling noise); a drift between them means the simulation is not long enough.
     """
-    equilibration_frames = int(round(config.equilibration_ps / frame_ps))
-    production = [r[equilibration_frames:] for r in replicas]
-    length = min((len(r) for r in production), default=0)
+    production, length = production_parts(replicas, config, frame_ps)
     half = length // 2
     if half < 1:
         return {}
@@ -391,12 +373,17 @@ def fit_priors(positions: np.ndarray, mapping: Any, temperature: float):
     return Priors.fit(positions, mapping.bonds, temperature)
 
 
+def epochs_for_budget(steps: int, batch_size: int, frames: int) -> int:
+    """Whole epochs (≥ 1) closest to ``steps`` optimiser steps on the 90 % of ``frames`` trained on."""
+    n_train = int(round(0.9 * frames))
+    return max(1, int(round(steps * batch_size / max(n_train, 1))))
+
+
 def train_network(data: Any, priors: Any, config: ProtocolConfig, method: str, seed: int, checkpoint: Path):
     """The shared force-field budget rule: ``force_field_steps`` Adam steps, whole epochs (≥ 1)."""
     from openmm_flowmatch.forcefield import train_force_field
 
-    n_train = int(round(0.9 * len(data[0])))
-    epochs = max(1, int(round(config.force_field_steps * config.force_field_batch / max(n_train, 1))))
+    epochs = epochs_for_budget(config.force_field_steps, config.force_field_batch, len(data[0]))
     patience = max(15, epochs // 10) if config.force_field_early_stopping else 0
     model = train_force_field(
         data,
@@ -442,8 +429,7 @@ def stage_force_field(
 def stage_flow(unit: Path, positions: np.ndarray, config: ProtocolConfig, seed: int) -> dict:
     from openmm_flowmatch.flows import train_flow
 
-    n_train = int(round(0.9 * len(positions)))
-    epochs = max(1, int(round(config.flow_steps * config.flow_batch / max(n_train, 1))))
+    epochs = epochs_for_budget(config.flow_steps, config.flow_batch, len(positions))
     decay = 0.01 ** (1.0 / epochs)
     flow = train_flow(
         positions,
@@ -591,7 +577,7 @@ def run_unit(
     torch.manual_seed(seed)
     unit = unit_directory(work, seed, n_frames, method)
     unit.mkdir(parents=True, exist_ok=True)
-    indices = training_indices(split.pool.n_frames, n_frames)
+    indices = evenly_spaced_indices(split.pool.n_frames, n_frames)  # the rule of CGDataset.subsample
     positions = split.pool.positions[indices]
     forces = split.pool.forces[indices]
     reference = split.reference.positions
@@ -1131,7 +1117,7 @@ def check_work_config(work: Path, config: ProtocolConfig) -> None:
     defaults = ProtocolConfig().to_dict()  # a field added after the run started had its default value
     mismatched = [
         k for k, v in config.to_dict().items()
-        if k not in ("sizes", "seeds", "simulation_steps") and old.get(k, _jsonable(defaults[k])) != _jsonable(v)
+        if k not in ("sizes", "seeds", "simulation_steps") and old.get(k, jsonable(defaults[k])) != jsonable(v)
     ]
     if config.simulation_steps < old.get("simulation_steps", defaults["simulation_steps"]):
         mismatched.append("simulation_steps (it may only grow: finished simulations are extended)")

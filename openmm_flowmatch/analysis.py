@@ -50,6 +50,7 @@ __all__ = [
     "distance_histograms",
     "rmsd_to_native",
     "plot_free_energy_comparison",
+    "jsonable",
     "write_metrics",
     "load_positions",
 ]
@@ -621,13 +622,14 @@ def plot_free_energy_comparison(
     return path
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` with NumPy values as plain numbers/lists, paths as strings and nan/inf as ``None``."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, (np.floating, float)):
         value = float(value)
         return value if math.isfinite(value) else None
@@ -642,7 +644,7 @@ def write_metrics(path: str | Path, metrics: dict[str, Any]) -> Path:
     """Write metrics as indented JSON (numpy values converted, nan/inf written as null)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(metrics), indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(jsonable(metrics), indent=2, sort_keys=True) + "\n")
     return path
 
 

@@ -84,7 +84,7 @@ def test_held_out_block_is_final_fifth_and_disjoint_from_training(benchmark, dat
     np.testing.assert_array_equal(split.reference_indices, np.r_[240:300, 540:600])
     for size in (60, 200, "all"):
         n_frames = benchmark.resolve_size(size, split.pool.n_frames)
-        chosen = split.pool.positions[benchmark.training_indices(split.pool.n_frames, n_frames)]
+        chosen = split.pool.positions[benchmark.evenly_spaced_indices(split.pool.n_frames, n_frames)]
         assert len(chosen) == n_frames
         # no training configuration equals any held-out configuration (the synthetic frames are unique)
         matches = (chosen[:, None] == split.reference.positions[None]).all(axis=(-1, -2))

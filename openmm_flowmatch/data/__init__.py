@@ -28,6 +28,7 @@ _PUBLIC = {
     "replica_seed": "openmm_flowmatch.data.reference",
     "CGDataset": "openmm_flowmatch.data.dataset",
     "DatasetError": "openmm_flowmatch.data.dataset",
+    "evenly_spaced_indices": "openmm_flowmatch.data.dataset",
 }
 
 __all__ = list(_PUBLIC)

@@ -32,7 +32,7 @@ from .storage import read_cg_file, write_cg_file
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CGDataset", "DatasetError"]
+__all__ = ["CGDataset", "DatasetError", "evenly_spaced_indices"]
 
 
 class DatasetError(ValueError):
@@ -57,6 +57,16 @@ def _as_paths(paths: str | os.PathLike | Sequence[str | os.PathLike], pattern: s
     if not result:
         raise DatasetError("no input file given")
     return result
+
+
+def evenly_spaced_indices(total: int, n_frames: int) -> np.ndarray:
+    """``n_frames`` indices of ``range(total)`` evenly spaced in time (all of them if fewer).
+
+    The rule of :meth:`CGDataset.subsample`: ``round(linspace(0, total − 1, n_frames))``, unique.
+    """
+    if n_frames >= total:
+        return np.arange(total)
+    return np.unique(np.round(np.linspace(0, total - 1, n_frames)).astype(np.int64))
 
 
 class CGDataset(torch.utils.data.Dataset):
@@ -260,10 +270,7 @@ class CGDataset(torch.utils.data.Dataset):
         """``n_frames`` frames evenly spaced in time over the whole dataset (all frames if fewer)."""
         if n_frames < 1:
             raise DatasetError(f"n_frames must be ≥ 1, got {n_frames}")
-        if n_frames >= self.n_frames:
-            return self.select(np.arange(self.n_frames))
-        indices = np.unique(np.round(np.linspace(0, self.n_frames - 1, n_frames)).astype(np.int64))
-        return self.select(indices)
+        return self.select(evenly_spaced_indices(self.n_frames, n_frames))
 
     @classmethod
     def concatenate(cls, datasets: Sequence[CGDataset]) -> CGDataset:
