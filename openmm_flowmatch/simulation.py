@@ -167,23 +167,26 @@ class _BlowUp(Exception):
 
 
 def _find_problem(replicas: np.ndarray, energy: float, min_distance: float):
-    """(replica or None, reason) for the first problem found, else None."""
-    for index, positions in enumerate(replicas):
-        if not np.all(np.isfinite(positions)):
-            return index, "positions are NaN or infinite"
+    """(replica or None, reason) for the first problem found, else None.
+
+    ``replicas`` is ``(R, beads, 3)``; all replicas are checked at once.
+    """
+    finite = np.isfinite(replicas).all(axis=(1, 2))
+    if not finite.all():
+        return int(np.argmin(finite)), "positions are NaN or infinite"
     if not math.isfinite(energy):
         return None, f"potential energy is {energy}"
-    if min_distance > 0:
-        n = replicas.shape[1]
-        i, j = np.triu_indices(n, k=1)
-        for index, positions in enumerate(replicas):
-            distances = np.linalg.norm(positions[j] - positions[i], axis=-1)
-            if distances.size and distances.min() < min_distance:
-                worst = int(np.argmin(distances))
-                return index, (
-                    f"beads {int(i[worst])} and {int(j[worst])} are {distances[worst]:.4f} nm apart "
-                    f"(overlap threshold {min_distance} nm)"
-                )
+    if min_distance > 0 and replicas.shape[1] > 1:
+        i, j = np.triu_indices(replicas.shape[1], k=1)
+        distances = np.linalg.norm(replicas[:, j] - replicas[:, i], axis=-1)  # (R, pairs)
+        overlapping = distances.min(axis=1) < min_distance
+        if overlapping.any():
+            index = int(np.argmax(overlapping))
+            worst = int(np.argmin(distances[index]))
+            return index, (
+                f"beads {int(i[worst])} and {int(j[worst])} are {distances[index, worst]:.4f} nm apart "
+                f"(overlap threshold {min_distance} nm)"
+            )
     return None
 
 
@@ -552,7 +555,7 @@ def run_simulation(
             while current < steps:
                 chunk = min(report_interval, steps - current)
                 for c, simulation in enumerate(simulations):
-                    _step(simulation, chunk, c, batched, per_context, trajectories)
+                    _step(simulation, chunk, c, batched, trajectories)
                 current += chunk
                 bar.update(chunk)
                 if current % checkpoint_interval == 0 or current == steps:
@@ -593,27 +596,22 @@ def run_simulation(
     return result
 
 
-def _step(simulation, steps: int, context_index: int, batched: bool, per_context: int, trajectories) -> None:
+def _step(simulation, steps: int, context_index: int, batched: bool, trajectories) -> None:
     """Advance one Context, turning NaN failures into :class:`BlowUpError`."""
     import openmm
 
     try:
         simulation.step(steps)
     except _BlowUp as blow_up:
-        raise _blow_up_error(blow_up.step, blow_up.replica, blow_up.reason, simulation, trajectories) from None
-    except openmm.OpenMMException as error:
+        raise _blow_up_error(blow_up.step, blow_up.replica, blow_up.reason, trajectories) from None
+    except (openmm.OpenMMException, ValueError) as error:  # ValueError: StateDataReporter's "Energy is NaN"
         if "nan" not in str(error).lower():
             raise
         replica = None if batched else context_index
-        raise _blow_up_error(simulation.currentStep, replica, str(error).strip(), simulation, trajectories) from error
-    except ValueError as error:  # StateDataReporter: "Energy is NaN"
-        if "nan" not in str(error).lower():
-            raise
-        replica = None if batched else context_index
-        raise _blow_up_error(simulation.currentStep, replica, str(error).strip(), simulation, trajectories) from error
+        raise _blow_up_error(simulation.currentStep, replica, str(error).strip(), trajectories) from error
 
 
-def _blow_up_error(step, replica, reason, simulation, trajectories) -> BlowUpError:
+def _blow_up_error(step, replica, reason, trajectories) -> BlowUpError:
     where = "a replica" if replica is None else f"replica {replica}"
     files = trajectories if replica is None else [trajectories[replica]]
     message = (
