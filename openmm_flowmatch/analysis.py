@@ -45,6 +45,10 @@ __all__ = [
     "compare_surfaces",
     "compare_phi_psi",
     "pairwise_distances",
+    "bond_lengths",
+    "bond_angles",
+    "bonded_statistics",
+    "compare_bonded_statistics",
     "tica_projections",
     "compare_tica",
     "distance_histograms",
@@ -620,6 +624,123 @@ def plot_free_energy_comparison(
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# CG bonds and angles against the data
+# --------------------------------------------------------------------------------------------
+
+
+def _index_array(indices: Any, width: int, n_beads: int, what: str) -> np.ndarray:
+    array = np.asarray(indices, dtype=int).reshape(-1, width)
+    if array.size and (array.min() < 0 or array.max() >= n_beads):
+        raise AnalysisError(f"{what} indices {array.tolist()} out of range for {n_beads} beads")
+    return array
+
+
+def bond_lengths(positions: Any, bonds: Sequence[Sequence[int]]) -> np.ndarray:
+    """Lengths (nm) of bead pairs.
+
+    Parameters
+    ----------
+    positions
+        ``(frames, beads, 3)`` or ``(beads, 3)`` nm, or an ``mdtraj.Trajectory``.
+    bonds
+        ``(n, 2)`` bead indices.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(frames, n)`` lengths in nm.
+    """
+    x = _as_positions(positions)
+    pairs = _index_array(bonds, 2, x.shape[1], "bond")
+    return np.linalg.norm(x[:, pairs[:, 1]] - x[:, pairs[:, 0]], axis=-1)
+
+
+def bond_angles(positions: Any, angles: Sequence[Sequence[int]]) -> np.ndarray:
+    """Angles (rad, in [0, π]) at the middle bead j of bead triples (i, j, k).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(frames, n)`` angles in radians.
+    """
+    x = _as_positions(positions)
+    triples = _index_array(angles, 3, x.shape[1], "angle")
+    first = x[:, triples[:, 0]] - x[:, triples[:, 1]]
+    second = x[:, triples[:, 2]] - x[:, triples[:, 1]]
+    sine = np.linalg.norm(np.cross(first, second), axis=-1)
+    return np.arctan2(sine, np.sum(first * second, axis=-1))
+
+
+def bonded_statistics(
+    positions: Any, bonds: Sequence[Sequence[int]], angles: Sequence[Sequence[int]] = ()
+) -> dict[str, Any]:
+    """Means and widths (standard deviations) of the bond lengths and angles of CG positions.
+
+    Returns
+    -------
+    dict
+        ``bonds`` and ``angles`` (index lists), ``bond_mean``/``bond_std`` (nm) and
+        ``angle_mean``/``angle_std`` (rad), one value per bond/angle, and ``frames``. This is the
+        ``data_statistics`` an artifact may carry (``export_force_field(..., data_statistics=)``).
+    """
+    x = _as_positions(positions)
+    lengths = bond_lengths(x, bonds)
+    values = bond_angles(x, angles)
+    return {
+        "bonds": np.asarray(bonds, dtype=int).reshape(-1, 2).tolist(),
+        "angles": np.asarray(angles, dtype=int).reshape(-1, 3).tolist(),
+        "bond_mean": lengths.mean(axis=0).tolist(),
+        "bond_std": lengths.std(axis=0).tolist(),
+        "angle_mean": values.mean(axis=0).tolist(),
+        "angle_std": values.std(axis=0).tolist(),
+        "frames": int(x.shape[0]),
+    }
+
+
+def _ratio_summary(ratios: np.ndarray) -> tuple[float | None, float | None]:
+    return (float(ratios.min()), float(ratios.max())) if ratios.size else (None, None)
+
+
+def compare_bonded_statistics(model: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """Widths and means of a model's bonds and angles against the reference's.
+
+    Parameters
+    ----------
+    model, reference
+        Dicts as returned by :func:`bonded_statistics` (the same bonds and angles, in order);
+        the reference may lack the angle entries.
+
+    Returns
+    -------
+    dict
+        Per bond ``bond_width_ratio`` (model std / reference std) and ``bond_mean_shift``
+        (model − reference, nm); per angle ``angle_width_ratio`` and ``angle_mean_shift`` (rad);
+        their ranges ``bond_width_ratio_min``/``_max``, ``angle_width_ratio_min``/``_max`` and
+        the largest absolute ``bond_mean_shift_max`` (nm).
+    """
+    result: dict[str, Any] = {}
+    for kind in ("bond", "angle"):
+        model_std = np.asarray(model.get(f"{kind}_std") or [], dtype=float)
+        reference_std = np.asarray(reference.get(f"{kind}_std") or [], dtype=float)
+        if reference_std.size == 0 or model_std.size == 0:
+            model_std = reference_std = np.zeros(0)
+        elif model_std.shape != reference_std.shape:
+            raise AnalysisError(
+                f"the model has {model_std.size} {kind}s but the reference {reference_std.size}; compare the same {kind}s"
+            )
+        ratio = model_std / reference_std
+        shift = np.asarray(model.get(f"{kind}_mean") or [], dtype=float)[: ratio.size] - np.asarray(
+            reference.get(f"{kind}_mean") or [], dtype=float
+        )[: ratio.size]
+        result[f"{kind}_width_ratio"] = ratio.tolist()
+        result[f"{kind}_mean_shift"] = shift.tolist()
+        result[f"{kind}_width_ratio_min"], result[f"{kind}_width_ratio_max"] = _ratio_summary(ratio)
+    shifts = np.abs(np.asarray(result["bond_mean_shift"]))
+    result["bond_mean_shift_max"] = float(shifts.max()) if shifts.size else None
+    return result
 
 
 def jsonable(value: Any) -> Any:

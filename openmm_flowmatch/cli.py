@@ -3,6 +3,7 @@
 Subcommands follow the data flow of the package::
 
     generate ──► fit-priors ──► train-flow ──► teacher ──► train-ff ──► export ──► simulate ──► analyze
+    check-time-step   the largest time step at which an exported model integrates soundly
     demo        all of the above for alanine dipeptide, cached and resumable
     benchmark   run the scripts in benchmarks/
 
@@ -23,7 +24,7 @@ from typing import Sequence
 logger = logging.getLogger("openmm_flowmatch.cli")
 
 PROGRAM = "openmm-flowmatch"
-SMALL_NETWORK_COMMANDS = ("simulate", "demo")
+SMALL_NETWORK_COMMANDS = ("simulate", "demo", "check-time-step")
 """Commands that run PyTorch on one thread unless --torch-threads says otherwise."""
 
 
@@ -212,6 +213,43 @@ def command_simulate(args: argparse.Namespace) -> None:
         "wrote %d trajectories of %d frames to %s (%.1f ns/day summed over replicas on %s)",
         result.replicas, result.frames_per_replica, args.out, result.ns_per_day, result.platform,
     )
+    # the kinetic-temperature summary and the bond-width ratios were logged by the library (a WARNING if unsound)
+    if result.kinetic_temperature is not None and not result.kinetic_temperature.sound:
+        logger.info("run `%s check-time-step %s %s` to find a sound time step", PROGRAM, args.artifact, args.pdb)
+
+
+def _starting_frames(structure: str, start_from: str | None, force_field):
+    """CG start positions (frames, beads, 3): frames of a data file, else the structure's beads."""
+    from openmm_flowmatch.simulation import cg_structure
+
+    if start_from:
+        return _read_data([start_from])["positions"]
+    return cg_structure(force_field, structure)[1][None]
+
+
+def command_check_time_step(args: argparse.Namespace) -> None:
+    from openmm_flowmatch.analysis import write_metrics
+    from openmm_flowmatch.diagnostics import check_time_step, record_sound_time_step
+    from openmm_flowmatch.export import FlowMatchForceField
+
+    force_field = FlowMatchForceField.load(args.artifact)
+    properties = {"Threads": str(args.threads)} if args.threads else None
+    report = check_time_step(
+        force_field, _starting_frames(args.structure, args.start_from, force_field),
+        time_steps=[step / 1000.0 for step in args.time_steps], replicas=args.replicas,
+        equilibration_time=args.equilibration_time, production_time=args.production_time,
+        temperature=args.temperature, friction=args.friction, platform=args.platform, seed=args.seed,
+        progress=not args.quiet, configurational=not args.no_configurational, platform_properties=properties,
+    )
+    print(report.table())
+    largest = report.largest_sound_time_step
+    print(f"largest sound time step: {'none of those tested' if largest is None else f'{largest * 1000:g} fs'}")
+    if args.json:
+        write_metrics(args.json, report.to_dict())
+        logger.info("wrote %s", args.json)
+    if not args.no_record:
+        record_sound_time_step(args.artifact, report)
+        logger.info("recorded the largest sound time step in %s", args.artifact)
 
 
 def _load_many(paths: Sequence[str], topology: str | None, skip_fraction: float) -> list:
@@ -261,6 +299,7 @@ def command_analyze(args: argparse.Namespace) -> None:
             rmsd = analysis.rmsd_to_native(np.concatenate(model), native)
             reference_rmsd = analysis.rmsd_to_native(np.concatenate(reference), native)
             metrics["rmsd_nm"] = {"model_mean": float(rmsd.mean()), "reference_mean": float(reference_rmsd.mean())}
+    metrics["bonded"] = _bonded_against_reference(args.reference, reference, model)
     analysis.plot_free_energy_comparison(comparison, out / f"{args.kind}.png", labels=labels)
     analysis.write_metrics(out / "metrics.json", metrics)
     logger.info(
@@ -268,6 +307,32 @@ def command_analyze(args: argparse.Namespace) -> None:
         comparison.metrics["js_divergence"], comparison.metrics["kl_divergence"], comparison.metrics["bins_compared"],
     )
     logger.info("wrote %s and %s", out / f"{args.kind}.png", out / "metrics.json")
+
+
+def _bonded_against_reference(reference_paths: Sequence[str], reference: list, model: list) -> dict:
+    """Bond and angle widths of the model against the reference (bond graph from the data, else a chain)."""
+    import numpy as np
+
+    from openmm_flowmatch import analysis
+    from openmm_flowmatch.priors import bonded_triples
+
+    n_beads = reference[0].shape[1]
+    mapping = None
+    data_files = [name for name in reference_paths if Path(name).suffix in (".h5", ".hdf5")]
+    if data_files:
+        mapping = _mapping_of(_read_data(data_files[:1]))
+    bonds = mapping.bonds if mapping is not None and mapping.n_beads == n_beads else [(i, i + 1) for i in range(n_beads - 1)]
+    angles = bonded_triples(bonds, n_beads).tolist()
+    comparison = analysis.compare_bonded_statistics(
+        analysis.bonded_statistics(np.concatenate(model), bonds, angles),
+        analysis.bonded_statistics(np.concatenate(reference), bonds, angles),
+    )
+    logger.info(
+        "bond width ratios model/reference %.3f–%.3f, angle width ratios %.3f–%.3f, largest bond mean shift %.4f nm",
+        comparison["bond_width_ratio_min"], comparison["bond_width_ratio_max"], comparison["angle_width_ratio_min"],
+        comparison["angle_width_ratio_max"], comparison["bond_mean_shift_max"],
+    )
+    return comparison
 
 
 def command_demo(args: argparse.Namespace) -> None:
@@ -458,6 +523,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--min-distance", type=float, default=0.05, help="beads closer than this (nm) stop the run as a blow-up")
     sub.add_argument("--restart", action="store_true", help="start again instead of continuing from checkpoints")
     sub.add_argument("--seed", type=int, default=0, help="random seed")
+    _add_platform(sub)
+
+    sub = add(
+        "check-time-step", command_check_time_step,
+        "Find the largest time step at which a force field integrates soundly (kinetic T within 2 percent of the bath, "
+        "bond widths within 10 percent of the data) and record it in the artifact.",
+    )
+    sub.add_argument("artifact", help="force-field artifact from `export`")
+    sub.add_argument("structure", help="start structure: CG PDB (one atom per bead) or the all-atom PDB")
+    sub.add_argument("--time-steps", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0, 5.0], help="time steps to try (fs)")
+    sub.add_argument("--replicas", type=int, default=32, help="independent replicas per time step")
+    sub.add_argument("--equilibration-time", type=float, default=2.0, help="equilibration per replica (ps)")
+    sub.add_argument("--production-time", type=float, default=20.0, help="production per replica (ps)")
+    sub.add_argument("--start-from", default=None, help="CG data file: start the replicas from its frames")
+    sub.add_argument("--temperature", type=float, default=None, help="bath temperature (K); default: the artifact's")
+    sub.add_argument("--friction", type=float, default=1.0, help="Langevin friction (1/ps)")
+    sub.add_argument("--seed", type=int, default=0, help="random seed")
+    sub.add_argument("--no-configurational", action="store_true", help="skip the configurational temperature")
+    sub.add_argument("--no-record", action="store_true", help="do not store the result in the artifact")
+    sub.add_argument("--json", default=None, help="also write the report as JSON to this file")
     _add_platform(sub)
 
     sub = add("analyze", command_analyze, "Free-energy surfaces (φ/ψ or TICA), FES MSE, JS and KL divergences, PNG + JSON.")

@@ -48,6 +48,7 @@ __all__ = [
     "build_module",
     "export_force_field",
     "replicate_forces",
+    "update_artifact_metadata",
     "replicate_topology",
 ]
 
@@ -177,6 +178,7 @@ def export_force_field(
     temperature: Any,
     training: Optional[dict] = None,
     replicas: int = 1,
+    data_statistics: Optional[dict] = None,
 ) -> Path:
     """Write the network term and everything needed to simulate it into one TorchScript file.
 
@@ -205,6 +207,13 @@ def export_force_field(
         Number of independent copies the artifact is meant for (recorded as the default of
         :meth:`FlowMatchForceField.create_system`); the module itself evaluates any number
         R of copies, given ``(R·n_beads, 3)`` positions.
+    data_statistics
+        Optional bond and angle statistics of the training data (as returned by
+        ``openmm_flowmatch.analysis.bonded_statistics``): ``bond_mean``, ``bond_std`` (nm, one
+        per bond of ``bonds``, default the mapping's bond graph) and ``angle_mean``,
+        ``angle_std`` (rad, one per triple of ``angles``, default the bonded triples). Stored
+        under ``"data_statistics"``; simulations compare their bond widths against them
+        (without them, against the widths the Boltzmann-inverted priors imply).
 
     Returns
     -------
@@ -256,12 +265,58 @@ def export_force_field(
         "model": model.config() if hasattr(model, "config") else {"class": type(model).__name__},
         "training": training,
     }
+    if data_statistics is not None:
+        metadata["data_statistics"] = _data_statistics(data_statistics, metadata["bonds"], n_beads)
     text = json.dumps(_json_ready(metadata), indent=1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.jit.save(scripted, str(path), _extra_files={METADATA_FILE: text})
     logger.info("wrote the force-field artifact %s (%d beads)", path, n_beads)
     return path
+
+
+def _data_statistics(statistics: dict, bonds: list, n_beads: int) -> dict:
+    """Checked copy of the optional ``data_statistics`` metadata (bonds/angles default from the bond graph)."""
+    from openmm_flowmatch.priors import bonded_triples
+
+    statistics = _json_ready(dict(statistics))
+    statistics.setdefault("bonds", bonds)
+    statistics.setdefault("angles", bonded_triples(statistics["bonds"], n_beads).tolist())
+    for kind, key in (("bond", "bonds"), ("angle", "angles")):
+        count = len(statistics[key])
+        for name in (f"{kind}_mean", f"{kind}_std"):
+            values = statistics.get(name)
+            if values is None and kind == "angle":
+                continue
+            if values is None or len(values) != count:
+                raise ArtifactError(
+                    f"data_statistics[{name!r}] must hold one value per {kind} ({count}), got "
+                    f"{None if values is None else len(values)}"
+                )
+    return statistics
+
+
+def update_artifact_metadata(path: str | os.PathLike, updates: dict) -> dict:
+    """Add or replace top-level entries of an artifact's metadata, keeping its module unchanged.
+
+    The file is loaded with its metadata, the entries are updated, and the module is saved to a
+    temporary file next to it that replaces the original (``os.replace``), so an interrupted
+    update leaves the old artifact intact.
+
+    Returns
+    -------
+    dict
+        The new metadata.
+    """
+    path = Path(path)
+    field = FlowMatchForceField.load(path)
+    metadata = field.metadata
+    metadata.update(_json_ready(updates))
+    temporary = path.with_name(f".{path.name}.tmp")
+    torch.jit.save(field.module, str(temporary), _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
+    os.replace(temporary, path)
+    logger.info("updated %s in the metadata of %s", ", ".join(map(str, updates)), path)
+    return metadata
 
 
 # -------------------------------------------------------------------------------- replication
@@ -452,6 +507,27 @@ class FlowMatchForceField:
     def temperature(self) -> Optional[float]:
         """Temperature of the training data in K."""
         return self._metadata.get("temperature")
+
+    @property
+    def data_statistics(self) -> Optional[dict]:
+        """Bond/angle means and widths of the training data stored at export, or ``None``.
+
+        Keys ``bonds``, ``angles`` (bead indices), ``bond_mean``, ``bond_std`` (nm),
+        ``angle_mean``, ``angle_std`` (rad).
+        """
+        statistics = self._metadata.get("data_statistics")
+        return None if statistics is None else copy.deepcopy(statistics)
+
+    @property
+    def sound_time_step(self) -> Optional[float]:
+        """Largest sound time step (ps) found by ``check-time-step`` and recorded in the artifact.
+
+        ``None`` when the artifact was never checked, or no tested step was sound (see the
+        ``"time_step_check"`` metadata entry for the full table).
+        """
+        check = self._metadata.get("time_step_check") or {}
+        value = check.get("largest_sound_time_step")
+        return None if value is None else float(value)
 
     @property
     def priors(self) -> Any:

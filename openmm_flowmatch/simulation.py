@@ -15,6 +15,13 @@ from the checkpoints (the trajectory is cut back to the checkpointed step first)
 was interrupted and restarted yields the same frames as one that ran through, on the Reference
 and CPU platforms. Every report checks for NaN energies/positions and overlapping beads and
 stops with :class:`BlowUpError`, keeping the frames written so far.
+
+Every run also records the kinetic temperature of each replica at each report
+(``kinetic_XXX.csv``, one per Context, cut back on restart like the trajectories) and puts its
+summary (:class:`KineticTemperatureSummary`) into the result and ``simulation.json``; a mean
+kinetic temperature off the bath by more than :data:`TEMPERATURE_TOLERANCE` is logged as a
+WARNING: the model or the time step does not integrate soundly (``openmm-flowmatch
+check-time-step`` finds the largest sound step).
 """
 
 from __future__ import annotations
@@ -24,21 +31,29 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from openmm_flowmatch.topology import replicate_topology
-from openmm_flowmatch.units import kelvin, strip_unit
+from openmm_flowmatch.units import BOLTZMANN_KJ_PER_MOL_PER_K, strip_unit
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "BlowUpError",
+    "KineticTemperatureReporter",
+    "KineticTemperatureSummary",
+    "MAX_TIME_STEP",
     "SimulationError",
     "SimulationResult",
+    "TEMPERATURE_TOLERANCE",
+    "degrees_of_freedom",
+    "kinetic_temperatures",
+    "summarize_kinetic_temperatures",
+    "validate_dynamics",
     "select_platform",
     "replicate_topology",
     "run_simulation",
@@ -49,6 +64,17 @@ PLATFORM_PREFERENCE = ("CUDA", "CPU", "Reference")
 """Platforms tried in order when none is named."""
 
 RUN_INFO_FILE = "simulation.json"
+
+TEMPERATURE_TOLERANCE = 0.02
+"""Largest relative deviation |T_kin/T − 1| of the mean kinetic temperature from the bath that
+counts as sound dynamics (DESIGN.md, "Sound dynamics")."""
+
+MAX_TIME_STEP = 0.02
+"""Largest time step (ps) accepted for CG Langevin dynamics; anything above is a unit mistake."""
+
+KINETIC_EQUILIBRATION_FRACTION = 0.1
+"""Fraction of the kinetic-temperature reports at the start of a run left out of its summary
+(the start structure relaxes and takes kinetic energy for about 1/friction)."""
 
 
 class SimulationError(ValueError):
@@ -96,6 +122,9 @@ class SimulationResult:
     steps_run: int = 0
     ns_per_day: float = float("nan")
     resumed_from_step: int = 0
+    kinetic_state_data: list[Path] = field(default_factory=list)
+    kinetic_temperature: KineticTemperatureSummary | None = None
+    bonded: dict | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,6 +152,250 @@ def select_platform(name: str | None = None):
         if candidate in available:
             return openmm.Platform.getPlatformByName(candidate)
     return openmm.Platform.getPlatform(0)
+
+
+# --------------------------------------------------------------------------------------------
+# dynamics parameters and kinetic temperature
+# --------------------------------------------------------------------------------------------
+
+
+def validate_dynamics(temperature: Any, friction: Any, time_step: Any) -> tuple[float, float, float]:
+    """Temperature (K), friction (1/ps) and time step (ps) as floats, checked for sense.
+
+    Raises
+    ------
+    SimulationError
+        If the temperature is not positive, the friction is negative, or the time step is not
+        in (0, :data:`MAX_TIME_STEP`] ps (a larger step is a unit mistake for CG dynamics).
+    """
+    import openmm.unit as u
+
+    temperature = float(strip_unit(temperature, u.kelvin))
+    friction = float(strip_unit(friction, 1 / u.picosecond))
+    time_step = float(strip_unit(time_step, u.picosecond))
+    if not temperature > 0.0:
+        raise SimulationError(f"temperature must be positive (K), got {temperature}")
+    if not friction >= 0.0:
+        raise SimulationError(f"friction must be ≥ 0 (1/ps), got {friction}")
+    if not 0.0 < time_step <= MAX_TIME_STEP:
+        raise SimulationError(
+            f"time step must be in (0, {MAX_TIME_STEP}] ps, got {time_step} ps; time steps are in ps "
+            "(2 fs = 0.002)"
+        )
+    return temperature, friction, time_step
+
+
+def degrees_of_freedom(system: Any, copies: int = 1) -> np.ndarray:
+    """Degrees of freedom of each of ``copies`` equal blocks of particles of a System.
+
+    Each copy has 3 per particle, minus the constraints between its particles, minus its share
+    3/``copies`` of the three centre-of-mass degrees of freedom when the System holds a
+    ``CMMotionRemover``: that force removes the centre-of-mass motion of the whole System, not of
+    each copy, so the three removed degrees of freedom are split evenly over the copies (for one
+    copy this is OpenMM's own count, as in ``StateDataReporter``). CG Systems of this package
+    (``build_cg_system``, ``FlowMatchForceField.create_system``) have no CMMotionRemover and no
+    constraints, so each copy has 3·n_beads.
+
+    Parameters
+    ----------
+    system
+        ``openmm.System`` of ``copies`` × n particles.
+    copies
+        Number of independent copies (replicas) the System holds.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(copies,)`` degrees of freedom.
+    """
+    import openmm
+
+    n_particles = system.getNumParticles()
+    if copies < 1 or n_particles % copies:
+        raise SimulationError(f"a System of {n_particles} particles does not split into {copies} equal copies")
+    per_copy = n_particles // copies
+    counts = np.full(copies, 3.0 * per_copy)
+    for index in range(system.getNumConstraints()):
+        first, second, _ = system.getConstraintParameters(index)
+        if first // per_copy != second // per_copy:
+            raise SimulationError(f"constraint {index} joins particles {first} and {second} of different copies")
+        counts[first // per_copy] -= 1.0
+    if any(isinstance(system.getForce(i), openmm.CMMotionRemover) for i in range(system.getNumForces())):
+        counts -= 3.0 / copies
+    return counts
+
+
+def kinetic_temperatures(velocities: np.ndarray, masses: np.ndarray, dof: np.ndarray) -> np.ndarray:
+    """Kinetic temperature (K) of each copy: 2·KE / (k_B · dof), KE = ½ Σ m v².
+
+    Parameters
+    ----------
+    velocities
+        ``(copies · n, 3)`` nm/ps (or ``(copies, n, 3)``).
+    masses
+        ``(copies · n,)`` amu.
+    dof
+        ``(copies,)`` degrees of freedom (:func:`degrees_of_freedom`).
+    """
+    copies = len(dof)
+    energy = 0.5 * np.asarray(masses, dtype=float).reshape(copies, -1) * np.square(
+        np.asarray(velocities, dtype=float).reshape(copies, -1, 3)
+    ).sum(-1)
+    return 2.0 * energy.sum(-1) / (BOLTZMANN_KJ_PER_MOL_PER_K * np.asarray(dof, dtype=float))
+
+
+class KineticTemperatureReporter:
+    """OpenMM reporter writing the kinetic temperature of each replica of a Context to a CSV file.
+
+    Rows are ``step,T_0,T_1,...`` (K), one column per replica the Context holds. The kinetic
+    energy is ½ Σ m v² of the velocities the Context stores; ``LangevinMiddleIntegrator`` stores
+    half-step (leapfrog) velocities v(t − Δt/2), and OpenMM's own ``getKineticEnergy`` (hence
+    ``StateDataReporter``) uses the same velocities, so the two agree for one replica.
+
+    Parameters
+    ----------
+    path
+        Output CSV file.
+    interval
+        Steps between reports.
+    system
+        The Context's ``openmm.System`` (masses, constraints, CMMotionRemover).
+    copies
+        Replicas the System holds.
+    first_replica
+        Global index of the Context's first replica (for the header).
+    append
+        Continue an existing file (after a restart) instead of overwriting it.
+    """
+
+    def __init__(self, path: str | Path, interval: int, system: Any, copies: int = 1,
+                 first_replica: int = 0, append: bool = False) -> None:
+        import openmm.unit as u
+
+        self.path = Path(path)
+        self.interval = int(interval)
+        self.masses = np.array([system.getParticleMass(i).value_in_unit(u.dalton) for i in range(system.getNumParticles())])
+        self.dof = degrees_of_freedom(system, copies)
+        self._out = open(self.path, "a" if append else "w")
+        if not append:
+            columns = ",".join(f"replica_{first_replica + r:03d}" for r in range(copies))
+            self._out.write(f"#step,{columns} (kinetic temperature, K)\n")
+            self._out.flush()
+
+    def describeNextReport(self, simulation):  # noqa: N802 (OpenMM reporter API)
+        steps = self.interval - simulation.currentStep % self.interval
+        return {"steps": steps, "periodic": False, "include": ["velocities"]}
+
+    def report(self, simulation, state) -> None:
+        import openmm.unit as u
+
+        velocities = state.getVelocities(asNumpy=True).value_in_unit(u.nanometer / u.picosecond)
+        values = kinetic_temperatures(velocities, self.masses, self.dof)
+        self._out.write(f"{simulation.currentStep}," + ",".join(f"{value:.6g}" for value in values) + "\n")
+        self._out.flush()
+
+    def close(self) -> None:
+        self._out.close()
+
+
+@dataclass
+class KineticTemperatureSummary:
+    """Kinetic temperature of a run against the bath.
+
+    Attributes
+    ----------
+    mean
+        Mean over the reports (after the first :data:`KINETIC_EQUILIBRATION_FRACTION`) and over
+        all replicas, K.
+    standard_error
+        Standard error of ``mean``: from the spread of the replica means for ≥ 2 replicas, from
+        10 consecutive blocks of the series for one replica (NaN if too short).
+    replica_min, replica_max
+        Smallest and largest replica mean, K.
+    bath
+        Thermostat temperature, K.
+    relative_deviation
+        mean / bath − 1.
+    degrees_of_freedom
+        Per replica.
+    reports
+        Reports per replica that went into the mean.
+    """
+
+    mean: float
+    standard_error: float
+    replica_min: float
+    replica_max: float
+    bath: float
+    relative_deviation: float
+    degrees_of_freedom: list[float]
+    reports: int
+
+    @property
+    def sound(self) -> bool:
+        """Whether |mean/bath − 1| ≤ :data:`TEMPERATURE_TOLERANCE`."""
+        return abs(self.relative_deviation) <= TEMPERATURE_TOLERANCE
+
+    def describe(self) -> str:
+        """One line: mean ± standard error (replica range) against the bath."""
+        return (
+            f"kinetic temperature {self.mean:.1f} ± {self.standard_error:.1f} K (replica means "
+            f"{self.replica_min:.1f}–{self.replica_max:.1f} K) against the bath's {self.bath:.1f} K "
+            f"({100 * self.relative_deviation:+.1f} %)"
+        )
+
+
+def summarize_kinetic_temperatures(
+    series: np.ndarray, bath: float, dof: Any = (), skip_fraction: float = KINETIC_EQUILIBRATION_FRACTION
+) -> KineticTemperatureSummary | None:
+    """Summary of a ``(reports, replicas)`` kinetic-temperature series (K); None if empty.
+
+    The first ``skip_fraction`` of the reports is left out (equilibration).
+    """
+    series = np.asarray(series, dtype=float)
+    if series.ndim != 2 or series.shape[0] == 0:
+        return None
+    series = series[int(series.shape[0] * skip_fraction):]
+    replica_means = series.mean(axis=0)
+    if series.shape[1] > 1:
+        error = float(replica_means.std(ddof=1) / math.sqrt(series.shape[1]))
+    elif series.shape[0] >= 10:
+        blocks = np.array([block.mean() for block in np.array_split(series[:, 0], 10)])
+        error = float(blocks.std(ddof=1) / math.sqrt(10))
+    else:
+        error = float("nan")
+    mean = float(series.mean())
+    return KineticTemperatureSummary(
+        mean=mean, standard_error=error, replica_min=float(replica_means.min()),
+        replica_max=float(replica_means.max()), bath=float(bath), relative_deviation=mean / float(bath) - 1.0,
+        degrees_of_freedom=[float(d) for d in dof], reports=int(series.shape[0]),
+    )
+
+
+def _read_kinetic_series(paths: list[Path]) -> np.ndarray:
+    """``(reports, replicas)`` from the per-Context kinetic CSV files (columns side by side)."""
+    tables = []
+    for path in paths:
+        if not path.exists():
+            return np.zeros((0, 0))
+        table = np.loadtxt(path, delimiter=",", comments="#", ndmin=2)
+        tables.append(table[:, 1:])
+    length = min((len(table) for table in tables), default=0)
+    return np.concatenate([table[:length] for table in tables], axis=1) if length else np.zeros((0, 0))
+
+
+def _warn_if_unsound(summary: KineticTemperatureSummary | None, time_step: float) -> None:
+    if summary is None:
+        return
+    logger.info("%s", summary.describe())
+    if not summary.sound:
+        logger.warning(
+            "the mean kinetic temperature %.1f ± %.1f K is %.1f %% off the bath's %.1f K (tolerance %.0f %%) at a "
+            "time step of %g fs: the model or the step does not integrate soundly; find the largest sound step with "
+            "`openmm-flowmatch check-time-step`",
+            summary.mean, summary.standard_error, 100 * summary.relative_deviation, summary.bath,
+            100 * TEMPERATURE_TOLERANCE, time_step * 1000.0,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,9 +716,7 @@ def run_simulation(
     trajectory_format = trajectory_format.lower().lstrip(".")
     if trajectory_format not in ("dcd", "xtc"):
         raise SimulationError(f"trajectory_format must be 'dcd' or 'xtc', got {trajectory_format!r}")
-    temperature = kelvin(temperature)
-    friction = float(strip_unit(friction, 1 / u.picosecond))
-    time_step = float(strip_unit(time_step, u.picosecond))
+    temperature, friction, time_step = validate_dynamics(temperature, friction, time_step)
 
     n_beads = topology.getNumAtoms()
     n_particles = system.getNumParticles()
@@ -493,6 +764,7 @@ def run_simulation(
     trajectories = [out_dir / f"replica_{r:03d}.{trajectory_format}" for r in range(replicas)]
     state_files = [out_dir / f"state_{c:03d}.csv" for c in range(contexts)]
     checkpoints = [out_dir / f"checkpoint_{c:03d}.chk" for c in range(contexts)]
+    kinetic_files = [out_dir / f"kinetic_{c:03d}.csv" for c in range(contexts)]
 
     simulations, writers = [], []
     resumed_step = 0
@@ -515,6 +787,7 @@ def run_simulation(
                 for r in own_replicas:
                     _truncate_trajectory(trajectories[r], topology, done // report_interval)
                 _truncate_state_data(state_files[c], done)
+                _truncate_state_data(kinetic_files[c], done)
                 resumed_step = done
             else:
                 simulation.context.setPositions(start[own_replicas].reshape(-1, 3) * u.nanometer)
@@ -536,6 +809,12 @@ def run_simulation(
                     str(state_files[c]), report_interval, step=True, time=True, potentialEnergy=True,
                     kineticEnergy=True, temperature=True, speed=True,
                     append=continuing and state_files[c].exists(),
+                )
+            )
+            simulation.reporters.append(
+                KineticTemperatureReporter(
+                    kinetic_files[c], report_interval, system, per_context, own_replicas[0],
+                    append=continuing and kinetic_files[c].exists(),
                 )
             )
             simulations.append(simulation)
@@ -588,12 +867,27 @@ def run_simulation(
         steps_run=steps_run,
         ns_per_day=(simulated_ns / wall * 86400.0) if steps_run and wall > 0 else float("nan"),
         resumed_from_step=first_step,
+        kinetic_state_data=kinetic_files,
     )
     logger.info(
         "simulated %d replicas × %d steps on %s in %.1f s (%.1f ns/day summed over replicas)",
         replicas, steps_run, result.platform, wall, result.ns_per_day,
     )
+    dof = np.tile(degrees_of_freedom(system, per_context), contexts)
+    result.kinetic_temperature = summarize_kinetic_temperatures(_read_kinetic_series(kinetic_files), temperature, dof)
+    _warn_if_unsound(result.kinetic_temperature, time_step)
+    if result.kinetic_temperature is not None:
+        _update_run_info(info_path, "kinetic_temperature", asdict(result.kinetic_temperature))
     return result
+
+
+def _update_run_info(path: Path, key: str, value: Any) -> None:
+    """Add a diagnostics entry to ``simulation.json`` (options written at the start stay)."""
+    info = json.loads(path.read_text()) if path.exists() else {}
+    info[key] = value
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(temporary, path)
 
 
 def _step(simulation, steps: int, context_index: int, batched: bool, trajectories) -> None:
@@ -668,7 +962,39 @@ def simulate_force_field(
     if options.get("temperature") is None:
         options["temperature"] = force_field.temperature or 300.0
     start = positions if initial_positions is None else initial_positions
-    return run_simulation(system, topology, start, out_dir, steps, replicas=replicas, **options)
+    result = run_simulation(system, topology, start, out_dir, steps, replicas=replicas, **options)
+    result.bonded = _bonded_diagnostics(force_field, topology, result, Path(out_dir))
+    return result
+
+
+def _bonded_diagnostics(force_field, topology, result: SimulationResult, out_dir: Path) -> dict | None:
+    """Bond/angle width ratios of the trajectories against the artifact's data (also into simulation.json)."""
+    from openmm_flowmatch.analysis import load_positions
+    from openmm_flowmatch.diagnostics import BOND_WIDTH_TOLERANCE, compare_with_data
+
+    frames = [load_positions(path, topology) for path in result.trajectories if path.exists()]
+    frames = [x[int(len(x) * KINETIC_EQUILIBRATION_FRACTION):] for x in frames if len(x)]
+    if not frames:
+        return None
+    comparison = compare_with_data(force_field, np.concatenate(frames))
+    if comparison is None:
+        return None
+    _update_run_info(out_dir / RUN_INFO_FILE, "bonded", comparison)
+    logger.info(
+        "bond width ratios model/data %.3f–%.3f, angle width ratios %s (reference: %s)",
+        comparison["bond_width_ratio_min"], comparison["bond_width_ratio_max"],
+        "–" if comparison["angle_width_ratio_min"] is None
+        else f"{comparison['angle_width_ratio_min']:.3f}–{comparison['angle_width_ratio_max']:.3f}",
+        comparison["source"],
+    )
+    if not comparison["sound_bonds"]:
+        logger.warning(
+            "bond widths are off the data's by more than %.0f %% (ratios %.3f–%.3f) at a time step of %g fs; "
+            "check the time step with `openmm-flowmatch check-time-step`",
+            100 * BOND_WIDTH_TOLERANCE, comparison["bond_width_ratio_min"], comparison["bond_width_ratio_max"],
+            result.time_step * 1000.0,
+        )
+    return comparison
 
 
 def cg_structure(force_field, structure: str | Path):
@@ -704,6 +1030,6 @@ def cg_structure(force_field, structure: str | Path):
 def result_summary(result: SimulationResult) -> dict:
     """JSON-able summary of a :class:`SimulationResult`."""
     summary = asdict(result)
-    for key in ("trajectories", "state_data", "checkpoints"):
+    for key in ("trajectories", "state_data", "checkpoints", "kinetic_state_data"):
         summary[key] = [str(p) for p in summary[key]]
     return summary

@@ -12,6 +12,7 @@ from openmm_flowmatch import cli
 
 SUBCOMMANDS = [
     "generate", "fit-priors", "train-flow", "teacher", "train-ff", "export", "simulate", "analyze", "demo", "benchmark",
+    "check-time-step",
 ]
 
 
@@ -154,6 +155,11 @@ def test_simulate_writes_frames(work):
     for replica in range(2):
         frames = mdtraj.load(str(simulation / f"replica_{replica:03d}.dcd"), top=str(simulation / "topology.pdb"))
         assert frames.n_frames == 3 and frames.n_atoms == 5
+    # every simulation carries its diagnostics: kinetic temperature and bond widths against the data
+    info = json.loads((simulation / "simulation.json").read_text())
+    assert info["kinetic_temperature"]["bath"] == pytest.approx(300.0)
+    assert len(info["kinetic_temperature"]["degrees_of_freedom"]) == 2
+    assert info["bonded"]["source"] == "priors" and len(info["bonded"]["bond_width_ratio"]) == 4
 
 
 def test_analyze_metrics(work):
@@ -162,6 +168,8 @@ def test_analyze_metrics(work):
     metrics = json.loads((directory / "analysis" / "metrics.json").read_text())["phi-psi"]
     assert set(metrics) >= {"fes_mse", "js_divergence", "kl_divergence"}
     assert (directory / "analysis" / "phi-psi.png").read_bytes()[:4] == b"\x89PNG"
+    bonded = json.loads((directory / "self" / "metrics.json").read_text())["bonded"]
+    assert bonded["bond_width_ratio"] == [1.0] * 4 and bonded["angle_width_ratio"] == [1.0] * 3
     itself = json.loads((directory / "self" / "metrics.json").read_text())["phi-psi"]
     assert itself["fes_mse"] == 0.0 and itself["js_divergence"] == 0.0 and itself["kl_divergence"] == 0.0
 

@@ -164,12 +164,25 @@ def test_overlap_blow_up_keeps_trajectory(tmp_path):
 
 
 def test_nan_blow_up_from_huge_time_step(tmp_path):
+    # the largest allowed step (20 fs) on bonds with a period of ~5 fs
     with pytest.raises(sim.BlowUpError, match="NaN|nan|infinite") as caught:
         sim.run_simulation(
-            chain_system(), chain_topology(), chain_positions(), tmp_path, steps=5000, report_interval=5,
-            time_step=2.0, platform="Reference", progress=False, min_distance=0.0,
+            chain_system(bond_k=1.0e7), chain_topology(), chain_positions(), tmp_path, steps=5000,
+            report_interval=5, time_step=sim.MAX_TIME_STEP, platform="Reference", progress=False, min_distance=0.0,
         )
     assert caught.value.step <= 5000
+
+
+@pytest.mark.parametrize(
+    "option, value, name",
+    [("time_step", 0.0, "time step"), ("time_step", -0.001, "time step"), ("time_step", 2.0, "time step"),
+     ("temperature", 0.0, "temperature"), ("temperature", -5.0, "temperature"), ("friction", -1.0, "friction")],
+)
+def test_bad_dynamics_parameters_are_one_line_errors(tmp_path, option, value, name):
+    with pytest.raises(sim.SimulationError, match=name) as caught:
+        sim.run_simulation(chain_system(), chain_topology(), chain_positions(), tmp_path, 10,
+                           report_interval=10, platform="Reference", progress=False, **{option: value})
+    assert str(value) in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_bad_inputs(tmp_path):
