@@ -85,3 +85,33 @@ def test_impossible_threshold_is_a_clear_error():
         sample_teacher(flow, 50, None, 300.0, force_threshold=1e-9, progress=False)
     with pytest.raises(TeacherError, match="positive"):
         sample_teacher(flow, 50, None, 300.0, force_threshold=-1.0, progress=False)
+
+
+def test_quantile_threshold_drops_the_expected_fraction():
+    """A threshold at the q-quantile of the scores of data drops 1 − q of fresh samples from the
+    same distribution (within binomial error)."""
+    from openmm_flowmatch.flows.teacher import force_threshold_from_data
+
+    temperature, quantile = 300.0, 0.99
+    generator = torch.Generator().manual_seed(0)
+    scale = kT(temperature) * 30.0 * torch.exp(0.5 * torch.randn(200000, 1, 1, generator=generator, dtype=torch.float64))
+    reference = scale[:100000] * torch.randn(100000, 5, 3, generator=generator, dtype=torch.float64)
+    fresh = scale[100000:] * torch.randn(100000, 5, 3, generator=generator, dtype=torch.float64)
+    threshold = force_threshold_from_data(reference.numpy(), temperature, quantile=quantile)
+    assert threshold == pytest.approx(float(np.quantile(mean_squared_force(reference, temperature).numpy(), quantile)))
+    dropped = float((mean_squared_force(fresh, temperature) > threshold).double().mean())
+    binomial = math.sqrt(quantile * (1 - quantile) / 100000)
+    assert abs(dropped - (1 - quantile)) < 4 * binomial + 1e-3  # + the threshold's own sampling error
+    with pytest.raises(TeacherError, match="quantile"):
+        force_threshold_from_data(reference.numpy(), temperature, quantile=1.5)
+
+
+def test_sample_teacher_accepts_a_data_threshold():
+    from openmm_flowmatch.flows.teacher import force_threshold_from_data
+
+    flow = small_flow()
+    with torch.no_grad():
+        positions = flow.sample(400, generator=torch.Generator().manual_seed(9))
+    threshold = force_threshold_from_data(flow.forces(positions, 300.0).detach(), 300.0, quantile=0.9)
+    report = sample_teacher(flow, 200, None, 300.0, batch_size=100, seed=2, force_threshold=threshold, progress=False)
+    assert report.force_threshold == threshold and 0.0 < report.dropped_fraction < 0.3

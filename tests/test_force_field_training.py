@@ -184,3 +184,94 @@ def test_corrupt_checkpoint_raises_clear_error(tmp_path):
     checkpoint.write_bytes(b"not a checkpoint")
     with pytest.raises(TrainingError, match="broken.ckpt"):
         train_force_field((positions, forces), priors, epochs=1, checkpoint_path=checkpoint, progress=False)
+
+
+# -------------------------------------------------------------- precomputed features, step budgets
+def test_precomputed_feature_forces_equal_autograd_forces():
+    from openmm_flowmatch.forcefield.training import feature_jacobians, forces_from_features
+
+    positions = torch.tensor(random_chains(50, 9))
+    for features in (InvariantFeatures.from_positions(positions),
+                     InvariantFeatures.from_positions(positions, min_separation=1),
+                     InvariantFeatures(N_BEADS, include_angles=False, include_distances=False)):
+        torch.manual_seed(0)
+        model = CGNet(features, hidden_width=24, n_layers=3, activation="silu").double()
+        values, jacobian = feature_jacobians(model.features, positions)
+        assert jacobian.shape == (50, features.n_features, 3 * N_BEADS)
+        expected = forces_of(model, positions).flatten(1)
+        got = forces_from_features(model, values, jacobian)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max()))
+
+
+def test_training_along_both_paths_gives_the_same_parameters():
+    priors = known_priors()
+    positions, forces = synthetic_data(120, 10, priors)
+    options = dict(epochs=2, batch_size=32, progress=False, seed=3, dtype=torch.float64, early_stopping_patience=0,
+                   model_kwargs={"hidden_width": 24, "n_layers": 3, "lipschitz_bound": 1.0})
+    fast = train_force_field((positions, forces), priors, precompute_features=True, **options)
+    slow = train_force_field((positions, forces), priors, precompute_features=False, **options)
+    assert fast.training_info["precomputed_features"] and not slow.training_info["precomputed_features"]
+    for (name, value), other in zip(fast.state_dict().items(), slow.state_dict().values()):
+        torch.testing.assert_close(value, other, rtol=1e-8, atol=1e-8, msg=name)
+    # over the memory limit: falls back to the autograd path
+    limited = train_force_field((positions, forces), priors, feature_memory_limit=1.0, **options)
+    assert not limited.training_info["precomputed_features"]
+
+
+def test_message_passing_networks_train_through_the_features():
+    from openmm_flowmatch.forcefield import MessagePassingNet
+
+    priors = known_priors()
+    positions, forces = synthetic_data(40, 12, priors)
+    model = MessagePassingNet([0, 1, 1, 1, 0], hidden_width=8, n_interactions=1, n_radial=4)
+    trained = train_force_field((positions, forces), priors, model=model, max_steps=3, batch_size=16, progress=False)
+    assert not trained.training_info["precomputed_features"] and trained.training_info["steps"] == 3
+
+
+def test_step_budget_validation_interval_and_patience_in_steps():
+    priors = known_priors()
+    positions, forces = synthetic_data(100, 13, priors)  # 90 training frames: 3 batches of 30 an epoch
+    options = dict(batch_size=30, progress=False, seed=2, model_kwargs={"hidden_width": 16, "n_layers": 2})
+    trained = train_force_field((positions, forces), priors, max_steps=7, validation_interval=2, epochs=1, **options)
+    info = trained.training_info
+    assert info["steps"] == 7 and info["validation_steps"] == [2, 4, 6, 7] and len(info["validation_loss"]) == 4
+    stopped = train_force_field((positions, forces), priors, max_steps=100, validation_interval=2, patience_steps=4,
+                                minimum_improvement=1e12, **options)
+    assert stopped.training_info["stopped_early"] and stopped.training_info["validation_steps"] == [2, 4, 6]
+    assert stopped.training_info["best_step"] == 2
+
+
+def test_published_schedule_decays_from_3e_3_to_1e_5():
+    from openmm_flowmatch.forcefield.training import published_schedule
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([parameter], lr=3e-3)
+    scheduler = published_schedule(optimizer, 1000)
+    rates = []
+    for _ in range(1000):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(3e-3) and rates[299] == pytest.approx(3e-3) and rates[-1] == pytest.approx(1e-5)
+    assert len(set(np.round(rates, 12))) == 6
+    priors = known_priors()
+    positions, forces = synthetic_data(60, 14, priors)
+    model = train_force_field((positions, forces), priors, max_steps=4, learning_rate_schedule="published",
+                              progress=False, model_kwargs={"hidden_width": 8, "n_layers": 1})
+    assert model.training_info["learning_rate"] == 3e-3 and model.training_info["learning_rate_schedule"] == "published"
+    with pytest.raises(TrainingError, match="learning_rate_schedule"):
+        train_force_field((positions, forces), priors, learning_rate_schedule="cosine", progress=False)
+
+
+def test_resume_in_the_middle_of_an_epoch_gives_the_uninterrupted_result(tmp_path):
+    priors = known_priors()
+    positions, forces = synthetic_data(200, 15, priors)  # 180 training frames: 5 batches of 40
+    options = dict(batch_size=40, progress=False, seed=4, early_stopping_patience=0, validation_interval=3,
+                   model_kwargs={"hidden_width": 16, "n_layers": 2})
+    straight = train_force_field((positions, forces), priors, max_steps=9, **options)
+    checkpoint = tmp_path / "steps.ckpt"
+    train_force_field((positions, forces), priors, max_steps=3, checkpoint_path=checkpoint, **options)
+    resumed = train_force_field((positions, forces), priors, max_steps=9, checkpoint_path=checkpoint, **options)
+    assert resumed.training_info["validation_steps"] == [3, 6, 9]
+    for (name, value), other in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(value, other, rtol=0, atol=0, msg=name)

@@ -175,3 +175,75 @@ def test_bad_network_arguments():
         MessagePassingNet([0, 3], n_bead_types=2)
     with pytest.raises(FeatureError, match="network class"):
         network_from_config({"class": "Unknown"})
+
+
+# ------------------------------------------------------------ power-iteration Lipschitz projection
+def trained_like_matrix(n: int, seed: int) -> torch.Tensor:
+    """A matrix with a decaying spectrum and a small top gap, like a trained layer at its bound."""
+    generator = torch.Generator().manual_seed(seed)
+    left, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    values = 4.0 * torch.linspace(1.0, 0.05, n, dtype=torch.float64) ** 2
+    values[1] = 0.97 * values[0]
+    return left @ torch.diag(values) @ right.T
+
+
+@pytest.mark.parametrize("kind", ["random", "trained_like", "rectangular"])
+def test_power_iteration_equals_the_largest_singular_value(kind):
+    from openmm_flowmatch.forcefield.networks import exact_spectral_norm, power_iteration_spectral_norm
+
+    generator = torch.Generator().manual_seed(3)
+    if kind == "random":
+        matrix = torch.randn(160, 160, generator=generator, dtype=torch.float64) / 12.0
+    elif kind == "trained_like":
+        matrix = trained_like_matrix(160, 4)
+    else:
+        matrix = torch.randn(160, 17, generator=generator, dtype=torch.float64)
+    exact = float(torch.linalg.svdvals(matrix)[0])
+    left, right = torch.randn(matrix.shape[0], generator=generator), torch.randn(matrix.shape[1], generator=generator)
+    sigma, left, right, converged = power_iteration_spectral_norm(matrix, left, right, max_iterations=20000)
+    assert bool(converged)
+    assert float(sigma) == pytest.approx(exact, rel=1e-6)
+    # warm start after a small perturbation: converges quickly and to the new value
+    perturbed = matrix + 1e-3 * torch.randn(matrix.shape, generator=generator, dtype=torch.float64)
+    sigma, *_ = power_iteration_spectral_norm(perturbed, left, right, max_iterations=20000)
+    assert float(sigma) == pytest.approx(float(torch.linalg.svdvals(perturbed)[0]), rel=1e-6)
+    assert exact_spectral_norm(matrix)[0] == pytest.approx(exact, rel=1e-12)
+
+
+def test_warm_started_projection_keeps_the_bound_during_training():
+    """Projection after optimiser steps: every layer ≤ bound·(1 + 1e-6), exact norms or not."""
+    torch.manual_seed(0)
+    model = make_cgnet(hidden_width=64, n_layers=4, lipschitz_bound=1.0)
+    positions = random_chains(128, 5, seed=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    for _ in range(30):
+        optimizer.zero_grad()
+        moving = positions.detach().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(model(moving).sum(), moving, create_graph=True)
+        (gradient**2).mean().neg().backward()  # push the weights up
+        optimizer.step()
+        model.project_lipschitz()
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.Linear):
+                assert float(torch.linalg.svdvals(layer.weight.detach().double())[0]) <= 1.0 * (1 + 1e-6)
+    norms = [float(torch.linalg.svdvals(layer.weight.detach())[0]) for layer in model.modules() if isinstance(layer, torch.nn.Linear)]
+    assert max(norms) == pytest.approx(1.0, rel=1e-6)  # the bound is active, not over-shot
+
+
+def test_projection_state_leaves_state_dict_and_scripting_alone():
+    model = make_cgnet(lipschitz_bound=4.0)
+    plain = make_cgnet()
+    assert list(model.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(model.state_dict())  # strict: no extra keys
+    model.load_state_dict(plain.state_dict())
+    model.project_lipschitz()
+    scripted = torch.jit.script(model)
+    positions = random_chains(4, 5, seed=5)
+    torch.testing.assert_close(scripted(positions), model(positions))
+
+
+def test_energy_from_features_is_the_mlp_part_of_forward():
+    model = make_cgnet(lipschitz_bound=4.0)
+    positions = random_chains(6, 5, seed=6)
+    torch.testing.assert_close(model.energy_from_features(model.features.standardized(positions)), model(positions))

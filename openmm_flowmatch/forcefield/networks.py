@@ -11,7 +11,8 @@ Two TorchScript-scriptable networks map bead positions ``(batch, n_beads, 3)`` (
 
 The Lipschitz bound follows CGnet: after every optimiser step the trainer calls
 :meth:`project_lipschitz`, which rescales each weight matrix W to W / max(1, σ(W)/bound)
-(σ the largest singular value). The weights themselves then satisfy the bound, so the scripted
+(σ the largest singular value, estimated by a power iteration warm-started from the previous
+step's singular vectors, with the exact SVD as fallback when it has not converged). The weights themselves then satisfy the bound, so the scripted
 and exported module is a plain MLP with no spectral-norm parametrisation inside.
 
 Both networks also accept a single configuration ``(n_beads, 3)`` and then return a 0-d energy.
@@ -30,7 +31,7 @@ from .features import FeatureError, InvariantFeatures, _dihedral_quadruples, _va
 
 __all__ = [
     "CGNet", "MessagePassingNet", "network_from_config", "save_network", "load_network", "NetworkFileError",
-    "ACTIVATIONS",
+    "ACTIVATIONS", "power_iteration_spectral_norm", "exact_spectral_norm",
 ]
 
 NETWORK_FILE_KIND = "openmm_flowmatch.network"
@@ -51,14 +52,150 @@ def _activation(name: str) -> nn.Module:
         raise FeatureError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
 
 
+POWER_ITERATION_TOLERANCE: float = 1e-9
+"""Relative change of the largest-singular-value estimate between two power iterations below
+which the estimate counts as converged (float64 arithmetic; the estimate is then within about
+1e-7 relative of the exact value, see tests/test_networks.py)."""
+
+POWER_ITERATION_MAX_STEPS: int = 50
+"""Power iterations per projection before the layers not yet converged fall back to the exact norm."""
+
+EXACT_NORM_MAX_SIDE: int = 64
+"""Weights with a side this short or shorter always get the exact norm (a tiny eigenproblem)."""
+
+_LEFT_VECTOR, _RIGHT_VECTOR = "_lipschitz_left_vector", "_lipschitz_right_vector"
+
+
+def exact_spectral_norm(weight: Tensor) -> tuple[float, Tensor, Tensor]:
+    """Largest singular value of ``weight`` ``(out, in)`` and its unit singular vectors, exactly.
+
+    Uses the float64 eigendecomposition of the Gram matrix of the shorter side (for the largest
+    singular value as accurate as an SVD, and cheaper).
+
+    Returns
+    -------
+    tuple
+        ``(sigma, left (out,), right (in,))``, the vectors in float64.
+    """
+    matrix = weight.detach().double()
+    transposed = matrix.shape[0] < matrix.shape[1]
+    if transposed:
+        matrix = matrix.t()
+    values, vectors = torch.linalg.eigh(matrix.t() @ matrix)
+    sigma = math.sqrt(max(float(values[-1]), 0.0))
+    right = vectors[:, -1].contiguous()
+    left = matrix.mv(right) / max(sigma, 1e-300)
+    return (sigma, right, left) if transposed else (sigma, left, right)
+
+
+def power_iteration_spectral_norm(
+    weight: Tensor,
+    left: Tensor,
+    right: Tensor,
+    max_iterations: int = POWER_ITERATION_MAX_STEPS,
+    tolerance: float = POWER_ITERATION_TOLERANCE,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Estimate the largest singular value of one or several matrices by warm-started power iteration.
+
+    Parameters
+    ----------
+    weight
+        Matrix ``(out, in)`` or a stack ``(k, out, in)``; the iteration runs in float64.
+    left, right
+        Current estimates of the leading left ``(…, out)`` and right ``(…, in)`` singular
+        vectors (the warm start; need not be normalised).
+    max_iterations
+        Upper limit on the number of iterations (at least 2 are done).
+    tolerance
+        A matrix has converged when its estimate changes by less than ``tolerance`` relative
+        between two iterations; the iteration stops when all have.
+
+    Returns
+    -------
+    tuple of Tensor
+        ``(sigma, left, right, converged)`` with the shapes of the input (``sigma`` and
+        ``converged`` 0-d for one matrix): the estimates (lower bounds that approach the true
+        values from below), the updated unit vectors (float64) and the convergence flags.
+    """
+    single = weight.dim() == 2
+    matrices = weight.detach().double().reshape(-1, weight.shape[-2], weight.shape[-1])
+    transposed = matrices.transpose(1, 2).contiguous()
+    right = right.detach().to(matrices).reshape(matrices.shape[0], -1)
+    left = left.detach().to(matrices).reshape(matrices.shape[0], -1)
+    previous = torch.full((matrices.shape[0],), -1.0, dtype=matrices.dtype, device=matrices.device)
+    sigma, converged = previous, previous > 0
+    # broadcast-multiply-and-sum: for these small matrix-vector products much faster than bmm on CPU
+    for _ in range(max(2, int(max_iterations))):
+        left = (matrices * right.unsqueeze(1)).sum(-1)
+        left = left / torch.linalg.vector_norm(left, dim=1, keepdim=True)
+        right = (transposed * left.unsqueeze(1)).sum(-1)
+        sigma = torch.linalg.vector_norm(right, dim=1)
+        right = right / sigma.unsqueeze(1)
+        converged = (sigma - previous).abs() <= tolerance * sigma  # False for NaN (zero matrix)
+        if bool(converged.all()):
+            break
+        previous = sigma
+    if single:
+        return sigma[0], left[0], right[0], converged[0]
+    return sigma, left, right, converged
+
+
+def _store_vectors(layer: nn.Linear, left: Tensor, right: Tensor) -> None:
+    """Keep the singular-vector estimates on the layer as non-persistent buffers (so state_dicts
+    and scripted modules are unchanged in content, and the vectors move with ``.to()``)."""
+    for name, vector in ((_LEFT_VECTOR, left), (_RIGHT_VECTOR, right)):
+        vector = vector.detach().to(device=layer.weight.device, dtype=layer.weight.dtype)
+        if name in layer._buffers:
+            layer._buffers[name] = vector
+        else:
+            layer.register_buffer(name, vector, persistent=False)
+
+
+def _has_vectors(layer: nn.Linear) -> bool:
+    right = layer._buffers.get(_RIGHT_VECTOR)
+    return right is not None and right.shape == (layer.weight.shape[1],)
+
+
+def _spectral_norms(layers: List[nn.Linear], exact: bool) -> List[float]:
+    """Spectral norms of the layers' weights: one batched power iteration per weight shape,
+    warm-started from the stored vectors; exact for short sides, new layers, when asked, and
+    for every layer whose iteration has not converged."""
+    norms: dict[int, float] = {}
+    groups: dict[tuple, List[int]] = {}
+    for index, layer in enumerate(layers):
+        if exact or min(layer.weight.shape) <= EXACT_NORM_MAX_SIDE or not _has_vectors(layer):
+            continue
+        groups.setdefault(tuple(layer.weight.shape), []).append(index)
+    for members in groups.values():
+        weights = torch.stack([layers[index].weight for index in members])
+        lefts = torch.stack([layers[index]._buffers[_LEFT_VECTOR] for index in members])
+        rights = torch.stack([layers[index]._buffers[_RIGHT_VECTOR] for index in members])
+        sigma, lefts, rights, converged = power_iteration_spectral_norm(weights, lefts, rights)
+        for position, index in enumerate(members):
+            if bool(converged[position]):
+                norms[index] = float(sigma[position])
+                _store_vectors(layers[index], lefts[position], rights[position])
+    for index, layer in enumerate(layers):
+        if index not in norms:
+            norms[index], left, right = exact_spectral_norm(layer.weight)
+            _store_vectors(layer, left, right)
+    return [norms[index] for index in range(len(layers))]
+
+
 @torch.no_grad()
-def _project_linear_layers(module: nn.Module, bound: float) -> None:
-    for layer in module.modules():
-        if isinstance(layer, nn.Linear):
-            sigma = torch.linalg.matrix_norm(layer.weight.double(), ord=2)
-            scale = float(max(1.0, float(sigma) / bound))
-            if scale > 1.0:
-                layer.weight.div_(scale)
+def _project_linear_layers(module: nn.Module, bound: float, exact: bool = False) -> None:
+    """Rescale every ``nn.Linear`` weight of ``module`` to spectral norm ≤ ``bound``.
+
+    The norms come from a warm-started power iteration (a few float64 matrix-vector products per
+    layer, batched over layers of one shape) that falls back to the exact norm for layers whose
+    estimate has not converged to ``POWER_ITERATION_TOLERANCE``; ``exact=True`` always uses the
+    exact norm (eigendecomposition of the float64 Gram matrix).
+    """
+    layers = [layer for layer in module.modules() if isinstance(layer, nn.Linear)]
+    for layer, sigma in zip(layers, _spectral_norms(layers, exact)):
+        scale = float(max(1.0, sigma / bound))
+        if scale > 1.0:
+            layer.weight.div_(scale)
 
 
 class ResidualBlock(nn.Module):
@@ -121,10 +258,17 @@ class CGNet(nn.Module):
         self.project_lipschitz()
 
     @torch.jit.unused
-    def project_lipschitz(self) -> None:
-        """Rescale every weight matrix to spectral norm ≤ ``lipschitz_bound`` (no-op without a bound)."""
+    def project_lipschitz(self, exact: bool = False) -> None:
+        """Rescale every weight matrix to spectral norm ≤ ``lipschitz_bound`` (no-op without a bound).
+
+        Parameters
+        ----------
+        exact
+            Compute every norm by a float64 SVD instead of the warm-started power iteration
+            (which itself falls back to the SVD when it has not converged).
+        """
         if self.lipschitz_bound > 0:
-            _project_linear_layers(self, self.lipschitz_bound)
+            _project_linear_layers(self, self.lipschitz_bound, exact=exact)
 
     @torch.jit.unused
     def config(self) -> dict[str, Any]:
@@ -143,12 +287,20 @@ class CGNet(nn.Module):
         if positions.dim() < 2 or positions.dim() > 3 or positions.size(-2) != self.n_beads or positions.size(-1) != 3:
             raise ValueError("CGNet: positions must have shape (n_beads, 3) or (batch, n_beads, 3)")
         features = self.features.standardized(positions.reshape(-1, self.n_beads, 3))
-        hidden = self.input_activation(self.input_layer(features))
-        hidden = self.residual_layers(hidden)
-        energy = self.output_layer(hidden)
+        energy = self.energy_from_features(features)
         # reshape only the output (see InvariantFeatures.forward)
         shape: List[int] = list(positions.shape[:-2])
         return energy.reshape(shape)
+
+    def energy_from_features(self, features: Tensor) -> Tensor:
+        """Energy in kJ/mol ``(batch,)`` of standardised features ``(batch, n_features)``.
+
+        The MLP part of :meth:`forward`, which calls it; the trainer uses it with precomputed
+        features and feature Jacobians (see ``openmm_flowmatch.forcefield.training``).
+        """
+        hidden = self.input_activation(self.input_layer(features))
+        hidden = self.residual_layers(hidden)
+        return self.output_layer(hidden).squeeze(-1)
 
 
 class MessagePassingNet(nn.Module):
@@ -252,10 +404,17 @@ class MessagePassingNet(nn.Module):
         self.project_lipschitz()
 
     @torch.jit.unused
-    def project_lipschitz(self) -> None:
-        """Rescale every weight matrix to spectral norm ≤ ``lipschitz_bound`` (no-op without a bound)."""
+    def project_lipschitz(self, exact: bool = False) -> None:
+        """Rescale every weight matrix to spectral norm ≤ ``lipschitz_bound`` (no-op without a bound).
+
+        Parameters
+        ----------
+        exact
+            Compute every norm by a float64 SVD instead of the warm-started power iteration
+            (which itself falls back to the SVD when it has not converged).
+        """
         if self.lipschitz_bound > 0:
-            _project_linear_layers(self, self.lipschitz_bound)
+            _project_linear_layers(self, self.lipschitz_bound, exact=exact)
 
     @torch.jit.unused
     def config(self) -> dict[str, Any]:

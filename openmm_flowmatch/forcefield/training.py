@@ -11,6 +11,13 @@ The loss is the mean squared error over all force components, in (kJ/mol/nm)²,
 which equals MSE(−∇(U_prior + U_net), F_target) because the prior has no trainable parameters;
 the prior forces are computed once per frame. Gradients of the forces with respect to the network
 parameters go through ``torch.autograd.grad(..., create_graph=True)``.
+
+Fast path (networks with ``energy_from_features``, i.e. :class:`CGNet`): the features never change
+during training, so their values φ and Jacobians J = ∂φ/∂x are computed once per data set (float64,
+then cast) and the forces are −Jᵀ ∂U/∂φ, with the double back-propagation through the MLP only.
+Budgets and patience can be given in optimiser steps (``max_steps``, ``patience_steps``,
+``validation_interval``); checkpoints hold the position inside the epoch, so a resumed run gives
+the uninterrupted result.
 """
 
 from __future__ import annotations
@@ -30,14 +37,18 @@ from torch import Tensor, nn
 from .features import InvariantFeatures
 from .networks import CGNet
 
-__all__ = ["train_force_field", "TrainingError", "force_matching_loss", "forces_of", "METHODS"]
+__all__ = [
+    "train_force_field", "TrainingError", "force_matching_loss", "forces_of", "METHODS", "feature_jacobians",
+    "forces_from_features", "supports_precomputed_features", "published_schedule", "LEARNING_RATE_SCHEDULES",
+]
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("flow-matching", "force-matching")
 """Accepted values of ``method`` (recorded in the training info and the artifact metadata)."""
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+_READABLE_CHECKPOINT_VERSIONS = (1, 2)
 
 
 class TrainingError(ValueError):
@@ -108,6 +119,120 @@ def force_matching_loss(model: nn.Module, positions: Tensor, residual_forces: Te
     return torch.mean((predicted - residual_forces) ** 2)
 
 
+# ----------------------------------------------------------------------- precomputed features
+DEFAULT_FEATURE_MEMORY_LIMIT: float = 2e9
+"""Bytes the precomputed feature Jacobians of training and validation data may take together."""
+
+
+def supports_precomputed_features(model: nn.Module) -> bool:
+    """Whether ``model`` has the split ``features`` → ``energy_from_features`` of :class:`CGNet`."""
+    return hasattr(model, "energy_from_features") and hasattr(getattr(model, "features", None), "standardized")
+
+
+def feature_jacobians(features: nn.Module, positions: Tensor, batch_size: int = 2048) -> tuple[Tensor, Tensor]:
+    """Standardised features φ and their Jacobians J = ∂φ/∂x of every frame, in float64.
+
+    Parameters
+    ----------
+    features
+        A feature module with ``standardized(positions (batch, n, 3)) -> (batch, F)``
+        (e.g. :class:`InvariantFeatures`, any configuration); a float64 copy is used.
+    positions
+        ``(frames, n_beads, 3)`` in nm.
+    batch_size
+        Frames per vectorised Jacobian evaluation.
+
+    Returns
+    -------
+    tuple of Tensor
+        ``φ`` of shape ``(frames, F)`` and ``J`` of shape ``(frames, F, n_beads·3)``, float64.
+    """
+    module = copy.deepcopy(features).cpu().double()
+    positions = positions.detach().cpu().double()
+
+    def single(frame: Tensor) -> Tensor:
+        return module.standardized(frame.unsqueeze(0)).squeeze(0)
+
+    jacobian_of_batch = torch.func.vmap(torch.func.jacrev(single))
+    values, jacobians = [], []
+    with torch.no_grad():
+        for chunk in positions.split(batch_size):
+            values.append(module.standardized(chunk))
+            jacobians.append(jacobian_of_batch(chunk).flatten(-2))
+    return torch.cat(values), torch.cat(jacobians)
+
+
+def forces_from_features(model: nn.Module, features: Tensor, jacobian: Tensor, create_graph: bool = False) -> Tensor:
+    """Forces −Jᵀ ∂U/∂φ ``(batch, n_beads·3)`` from precomputed features and feature Jacobians.
+
+    Parameters
+    ----------
+    model
+        A network with ``energy_from_features(features (batch, F)) -> (batch,)`` (:class:`CGNet`).
+    features
+        Standardised features ``(batch, F)``.
+    jacobian
+        ``∂φ/∂x``, ``(batch, F, n_beads·3)``.
+    create_graph
+        Keep the graph for a backward pass to the parameters (training).
+    """
+    with torch.enable_grad():
+        inputs = features.detach().requires_grad_(True)
+        energy = model.energy_from_features(inputs)
+        (gradient,) = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph)
+    return -torch.bmm(gradient.unsqueeze(1), jacobian).squeeze(1)
+
+
+class _ForceData:
+    """Training or validation frames: positions, or precomputed (φ, J), with residual forces."""
+
+    def __init__(self, positions: Tensor, residual: Tensor, features: Optional[Tensor] = None,
+                 jacobian: Optional[Tensor] = None) -> None:
+        self.positions, self.features, self.jacobian = positions, features, jacobian
+        self.residual = residual if jacobian is None else residual.flatten(1)
+
+    def __len__(self) -> int:
+        return int(self.residual.shape[0])
+
+    def loss(self, model: nn.Module, index: Tensor | slice, create_graph: bool) -> Tensor:
+        """Mean squared force error on the frames ``index``."""
+        if self.jacobian is None:
+            predicted = forces_of(model, self.positions[index], create_graph=create_graph)
+        else:
+            predicted = forces_from_features(model, self.features[index], self.jacobian[index], create_graph)
+        return torch.mean((predicted - self.residual[index]) ** 2)
+
+
+def _force_data(model: nn.Module, positions: Tensor, residual: Tensor, precompute: bool) -> _ForceData:
+    if not precompute:
+        return _ForceData(positions, residual)
+    features, jacobian = feature_jacobians(model.features, positions)
+    as_model = dict(dtype=positions.dtype, device=positions.device)
+    return _ForceData(positions, residual, features.to(**as_model), jacobian.to(**as_model))
+
+
+def _use_precomputed(model: nn.Module, requested: Optional[bool], n_frames: int, n_coordinates: int,
+                     itemsize: int, memory_limit: float) -> bool:
+    """Decide the training path: precomputed features and Jacobians, or autograd through them."""
+    if requested is False:
+        return False
+    if not supports_precomputed_features(model):
+        if requested:
+            logger.warning("%s has no energy_from_features(); training through the features", type(model).__name__)
+        return False
+    n_features = int(getattr(model.features, "n_features", 0)) or int(
+        model.features.standardized(torch.zeros(1, n_coordinates // 3, 3)).shape[-1]
+    )
+    needed = n_frames * n_features * n_coordinates * max(itemsize, 8)
+    if needed > memory_limit:
+        logger.warning(
+            "precomputed feature Jacobians would take %.3g GB (limit %.3g GB); training through the features "
+            "instead (slower, same result)", needed / 1e9, memory_limit / 1e9,
+        )
+        return False
+    return True
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 def _save_checkpoint(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,12 +246,35 @@ def _load_checkpoint(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise TrainingError(f"cannot read the training checkpoint {path}: {error}; delete it to start afresh") from error
-    if not isinstance(state, dict) or state.get("checkpoint_version") != CHECKPOINT_VERSION:
+    if not isinstance(state, dict) or state.get("checkpoint_version") not in _READABLE_CHECKPOINT_VERSIONS:
         raise TrainingError(f"{path} is not a force-field training checkpoint of this package; delete it or pick another path")
     return state
 
 
 # ---------------------------------------------------------------------------------------- trainer
+LEARNING_RATE_SCHEDULES = ("plateau", "published")
+"""Accepted values of ``learning_rate_schedule`` of :func:`train_force_field`."""
+
+PUBLISHED_LEARNING_RATES = (3e-3, 1e-5)
+"""Initial and final Adam learning rate of the published schedule."""
+
+PUBLISHED_MILESTONES = (0.3, 0.45, 0.6, 0.75, 0.9)
+"""Fractions of the step budget at which the published schedule multiplies the learning rate by
+``(1e-5 / 3e-3) ** (1 / 5) ≈ 0.3195``: 3e-3 until 30 % of the steps, then 9.59e-4, 3.06e-4,
+9.79e-5, 3.13e-5 and from 90 % of the steps on 1e-5."""
+
+
+def published_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.MultiStepLR:
+    """The published step-wise decay 3e-3 → 1e-5 over ``total_steps`` optimiser steps.
+
+    The scheduler is stepped after every optimiser step; see ``PUBLISHED_MILESTONES``.
+    """
+    first, last = PUBLISHED_LEARNING_RATES
+    factor = (last / first) ** (1.0 / len(PUBLISHED_MILESTONES))
+    milestones = sorted({max(1, int(round(fraction * total_steps))) for fraction in PUBLISHED_MILESTONES})
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=factor)
+
+
 def train_force_field(
     data: Any,
     priors: Any = None,
@@ -138,19 +286,25 @@ def train_force_field(
     bonds: Optional[Sequence[Sequence[int]]] = None,
     model_kwargs: Optional[dict] = None,
     epochs: int = 100,
+    max_steps: Optional[int] = None,
     batch_size: int = 128,
-    learning_rate: float = 1e-3,
+    learning_rate: Optional[float] = None,
+    learning_rate_schedule: str = "plateau",
     learning_rate_factor: float = 0.5,
     learning_rate_patience: int = 5,
     minimum_learning_rate: float = 1e-6,
     weight_decay: float = 0.0,
     early_stopping_patience: int = 15,
+    patience_steps: Optional[int] = None,
+    validation_interval: Optional[int] = None,
     minimum_improvement: float = 0.0,
     checkpoint_path: Optional[str | os.PathLike] = None,
     resume: bool = True,
     seed: int = 0,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    precompute_features: Optional[bool] = None,
+    feature_memory_limit: float = DEFAULT_FEATURE_MEMORY_LIMIT,
     progress: bool = True,
 ) -> nn.Module:
     """Train a CG network energy by force matching.
@@ -185,22 +339,38 @@ def train_force_field(
         ``activation``, ``lipschitz_bound``), plus ``min_separation`` for its features.
     epochs
         Maximum number of passes over the training frames (default 100), counting the epochs
-        of a resumed checkpoint.
+        of a resumed checkpoint. Ignored when ``max_steps`` is given.
+    max_steps
+        Budget in optimiser steps (overrides ``epochs``); the batches run on through reshuffled
+        epochs until this many steps are done. Default ``None``: ``epochs`` passes.
     batch_size
-        Frames per optimiser step (default 128).
+        Frames per optimiser step (default 128, the published value).
     learning_rate
-        Initial Adam learning rate (default 1e-3).
+        Initial Adam learning rate (default 1e-3 with the ``"plateau"`` schedule, 3e-3 with
+        ``"published"``).
+    learning_rate_schedule
+        ``"plateau"`` (default): multiply by ``learning_rate_factor`` when the validation loss has
+        not improved for ``learning_rate_patience`` validations, down to
+        ``minimum_learning_rate`` (``ReduceLROnPlateau``). ``"published"``: step-wise decay
+        3e-3 → 1e-5 at fixed fractions of the step budget, see :data:`PUBLISHED_MILESTONES`.
     learning_rate_factor, learning_rate_patience, minimum_learning_rate
-        The learning rate is multiplied by ``learning_rate_factor`` when the validation loss has
-        not improved for ``learning_rate_patience`` epochs, down to ``minimum_learning_rate``
-        (``torch.optim.lr_scheduler.ReduceLROnPlateau``; defaults 0.5, 5, 1e-6).
+        Settings of the ``"plateau"`` schedule (defaults 0.5, 5, 1e-6).
     weight_decay
         Adam weight decay (default 0).
     early_stopping_patience
         Stop when the validation loss has not improved by more than ``minimum_improvement``
-        ((kJ/mol/nm)²) for this many epochs (default 15; 0 switches early stopping off).
+        ((kJ/mol/nm)²) for this many validations (epochs by default; default 15; 0 switches
+        early stopping off). Ignored when ``patience_steps`` is given.
+    patience_steps
+        Early-stopping patience in optimiser steps (0 switches it off); default
+        ``early_stopping_patience × validation_interval``.
+    validation_interval
+        Validate (and checkpoint) every this many optimiser steps; default once per epoch.
+    minimum_improvement
+        Smallest decrease of the validation loss that counts as an improvement.
     checkpoint_path
-        File written after every epoch (model, optimiser, scheduler, history, random state).
+        File written after every validation (model, optimiser, scheduler, history, random state,
+        position in the epoch), so a run resumes exactly where it was interrupted.
     resume
         Continue from ``checkpoint_path`` when it exists (default True; the checkpoint must come
         from the same data sizes, model size, seed and method); False starts afresh and
@@ -211,43 +381,36 @@ def train_force_field(
         Torch device to train on (``"cpu"``, ``"cuda"``).
     dtype
         Floating-point type of the training (default float32).
+    precompute_features
+        Compute the standardised features φ and their Jacobians J = ∂φ/∂x of all frames once (in
+        float64, then cast to ``dtype``) and train with forces −Jᵀ ∂U/∂φ through the MLP only —
+        the same loss, several times faster. Default ``None``: whenever the model offers
+        ``energy_from_features`` (:class:`CGNet`) and J fits in ``feature_memory_limit``;
+        ``False`` differentiates through the features at every step.
+    feature_memory_limit
+        Bytes (default 2e9) the Jacobians of training and validation frames may take; above it
+        training falls back to the slower path with a warning.
     progress
-        Show a tqdm progress bar over epochs.
+        Show a tqdm progress bar over optimiser steps.
 
     Returns
     -------
     torch.nn.Module
-        The model with the weights of the best validation epoch, in eval mode, on ``device``.
-        Its attribute ``training_info`` (a JSON-able dict: method, frames, epochs, seed,
-        per-epoch losses in (kJ/mol/nm)², …) is meant for ``export_force_field(training=…)``.
+        The model with the weights of the best validation, in eval mode, on ``device``.
+        Its attribute ``training_info`` (a JSON-able dict: method, frames, epochs, steps, seed,
+        losses at every validation in (kJ/mol/nm)², …) is meant for ``export_force_field(training=…)``.
 
     Raises
     ------
     TrainingError
         Missing forces, inconsistent shapes, non-finite data, a bead count the model does not
-        take, an unknown ``method`` or an unreadable checkpoint.
+        take, an unknown ``method`` or schedule, or an unreadable checkpoint.
     """
-    if method not in METHODS:
-        raise TrainingError(f"method must be one of {METHODS}, got {method!r}")
-    if epochs < 0 or batch_size < 1 or not learning_rate > 0:
-        raise TrainingError("epochs must be >= 0, batch_size >= 1 and learning_rate > 0")
-    positions, forces = _positions_and_forces(data, "training data")
-    if validation_data is not None:
-        train_positions, train_forces = positions, forces
-        validation_positions, validation_forces = _positions_and_forces(validation_data, "validation data")
-    else:
-        if not 0.0 < validation_fraction < 1.0:
-            raise TrainingError(f"validation_fraction must lie in (0, 1), got {validation_fraction}")
-        n_validation = max(1, int(round(validation_fraction * positions.shape[0])))
-        if n_validation >= positions.shape[0]:
-            raise TrainingError(f"{positions.shape[0]} frames are too few to hold out a validation block")
-        split = positions.shape[0] - n_validation
-        train_positions, train_forces = positions[:split], forces[:split]
-        validation_positions, validation_forces = positions[split:], forces[split:]
-    if validation_positions.shape[1:] != train_positions.shape[1:]:
-        raise TrainingError("validation and training data have different numbers of beads")
+    _check_arguments(method, epochs, max_steps, batch_size, learning_rate, learning_rate_schedule, validation_interval)
+    (train_positions, train_forces), (validation_positions, validation_forces) = _split_data(
+        data, validation_data, validation_fraction
+    )
     n_beads = train_positions.shape[1]
-
     device = torch.device(device)
     if model is None:
         model = _default_model(train_positions, bonds, model_kwargs or {}, seed)
@@ -255,136 +418,235 @@ def train_force_field(
     if model_beads != n_beads:
         raise TrainingError(f"the model takes {model_beads} beads but the data has {n_beads}")
     model = model.to(device=device, dtype=dtype)
-
-    def as_tensor(array: np.ndarray) -> Tensor:
-        return torch.as_tensor(np.asarray(array), dtype=dtype, device=device)
-
-    train_x = as_tensor(train_positions)
-    train_residual = as_tensor(train_forces - _prior_forces(priors, train_positions))
-    validation_x = as_tensor(validation_positions)
-    validation_residual = as_tensor(validation_forces - _prior_forces(priors, validation_positions))
-
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, factor=learning_rate_factor, patience=learning_rate_patience, min_lr=minimum_learning_rate
+    n_frames = train_positions.shape[0] + validation_positions.shape[0]
+    precompute = _use_precomputed(
+        model, precompute_features, n_frames, 3 * n_beads, torch.finfo(dtype).bits // 8, feature_memory_limit
     )
-    generator = torch.Generator().manual_seed(int(seed))
-    history: dict[str, list[float]] = {"train_loss": [], "validation_loss": [], "learning_rate": []}
-    best_loss, best_epoch, best_state = math.inf, -1, copy.deepcopy(model.state_dict())
-    epochs_without_improvement, start_epoch, stopped_early = 0, 0, False
 
+    def as_data(positions: np.ndarray, forces: np.ndarray) -> _ForceData:
+        residual = np.asarray(forces) - _prior_forces(priors, positions)
+        as_tensor = lambda array: torch.as_tensor(np.asarray(array), dtype=dtype, device=device)  # noqa: E731
+        return _force_data(model, as_tensor(positions), as_tensor(residual), precompute)
+
+    train, validation = as_data(train_positions, train_forces), as_data(validation_positions, validation_forces)
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    total_steps = int(max_steps) if max_steps is not None else int(epochs) * steps_per_epoch
+    interval = int(validation_interval) if validation_interval is not None else steps_per_epoch
+    patience = int(patience_steps) if patience_steps is not None else int(early_stopping_patience) * interval
+    schedule_name = learning_rate_schedule
+    if learning_rate is None:
+        learning_rate = PUBLISHED_LEARNING_RATES[0] if schedule_name == "published" else 1e-3
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    if schedule_name == "published":
+        scheduler: Any = published_schedule(optimizer, total_steps)
+    else:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=learning_rate_factor, patience=learning_rate_patience, min_lr=minimum_learning_rate
+        )
     fingerprint = {
-        "frames": int(train_positions.shape[0]),
-        "validation_frames": int(validation_positions.shape[0]),
+        "frames": len(train),
+        "validation_frames": len(validation),
         "beads": int(n_beads),
         "parameters": int(sum(parameter.numel() for parameter in model.parameters())),
         "seed": int(seed),
         "method": method,
     }
+    run = _RunState(model, seed, device)
     checkpoint = Path(checkpoint_path) if checkpoint_path is not None else None
     if checkpoint is not None and resume and checkpoint.exists():
-        state = _load_checkpoint(checkpoint)
+        run.restore(_load_checkpoint(checkpoint), fingerprint, checkpoint, model, optimizer, scheduler, steps_per_epoch)
+    if run.history.get("initial_validation_loss") is None:
+        run.history["initial_validation_loss"] = [_evaluate(model, validation, batch_size)]
+
+    started = time.perf_counter()
+    _training_loop(
+        run, model, optimizer, scheduler, train, validation,
+        dict(batch_size=batch_size, total_steps=total_steps, interval=interval, patience=patience,
+             minimum_improvement=minimum_improvement, plateau=schedule_name == "plateau",
+             steps_per_epoch=steps_per_epoch, checkpoint=checkpoint, fingerprint=fingerprint, progress=progress),
+    )
+    model.load_state_dict(run.best_state)
+    model.eval()
+    step_mode = max_steps is not None or validation_interval is not None
+    model.training_info = {
+        "method": method,
+        "frames": len(train),
+        "validation_frames": len(validation),
+        "epochs": math.ceil(run.step / steps_per_epoch) if step_mode else len(run.history["train_loss"]),
+        "steps": int(run.step),
+        "best_epoch": int(run.best_step // steps_per_epoch if step_mode else run.best_validation),
+        "best_step": int(run.best_step),
+        "validation_interval": int(interval),
+        "validation_steps": [int(value) for value in run.history.get("step", [])],
+        "stopped_early": bool(run.stopped_early),
+        "seed": int(seed),
+        "batch_size": int(batch_size),
+        "learning_rate": float(learning_rate),
+        "learning_rate_schedule": schedule_name,
+        "weight_decay": float(weight_decay),
+        "dtype": str(dtype).replace("torch.", ""),
+        "precomputed_features": bool(precompute),
+        "temperature": _temperature_of(data),
+        "loss": "mean squared force error, (kJ/mol/nm)^2",
+        "initial_validation_loss": float(run.history["initial_validation_loss"][0]),
+        "best_validation_loss": float(run.best_loss) if math.isfinite(run.best_loss) else None,
+        "train_loss": [float(value) for value in run.history["train_loss"]],
+        "validation_loss": [float(value) for value in run.history["validation_loss"]],
+        "training_seconds": time.perf_counter() - started,
+        "model": model.config() if hasattr(model, "config") else {"class": type(model).__name__},
+    }
+    return model
+
+
+def _check_arguments(method: str, epochs: int, max_steps: Optional[int], batch_size: int,
+                     learning_rate: Optional[float], schedule: str, validation_interval: Optional[int]) -> None:
+    if method not in METHODS:
+        raise TrainingError(f"method must be one of {METHODS}, got {method!r}")
+    if epochs < 0 or batch_size < 1 or (learning_rate is not None and not learning_rate > 0):
+        raise TrainingError("epochs must be >= 0, batch_size >= 1 and learning_rate > 0")
+    if max_steps is not None and max_steps < 0:
+        raise TrainingError(f"max_steps must be >= 0, got {max_steps}")
+    if validation_interval is not None and validation_interval < 1:
+        raise TrainingError(f"validation_interval must be >= 1, got {validation_interval}")
+    if schedule not in LEARNING_RATE_SCHEDULES:
+        raise TrainingError(f"learning_rate_schedule must be one of {LEARNING_RATE_SCHEDULES}, got {schedule!r}")
+
+
+def _split_data(data: Any, validation_data: Any, validation_fraction: float) -> tuple[tuple, tuple]:
+    """``((train positions, forces), (validation positions, forces))`` as NumPy arrays."""
+    positions, forces = _positions_and_forces(data, "training data")
+    if validation_data is not None:
+        train = (positions, forces)
+        validation = _positions_and_forces(validation_data, "validation data")
+    else:
+        if not 0.0 < validation_fraction < 1.0:
+            raise TrainingError(f"validation_fraction must lie in (0, 1), got {validation_fraction}")
+        n_validation = max(1, int(round(validation_fraction * positions.shape[0])))
+        if n_validation >= positions.shape[0]:
+            raise TrainingError(f"{positions.shape[0]} frames are too few to hold out a validation block")
+        split = positions.shape[0] - n_validation
+        train, validation = (positions[:split], forces[:split]), (positions[split:], forces[split:])
+    if validation[0].shape[1:] != train[0].shape[1:]:
+        raise TrainingError("validation and training data have different numbers of beads")
+    return train, validation
+
+
+class _RunState:
+    """Everything a checkpoint holds besides model, optimiser and scheduler."""
+
+    def __init__(self, model: nn.Module, seed: int, device: torch.device) -> None:
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.device = device
+        self.history: dict[str, list[float]] = {"train_loss": [], "validation_loss": [], "learning_rate": [], "step": []}
+        self.best_loss, self.best_validation, self.best_step = math.inf, -1, 0
+        self.best_state = copy.deepcopy(model.state_dict())
+        self.step, self.position, self.order = 0, 0, None
+        self.steps_without_improvement, self.stopped_early = 0, False
+
+    def restore(self, state: dict, fingerprint: dict, path: Path, model: nn.Module, optimizer: Any,
+                scheduler: Any, steps_per_epoch: int) -> None:
         if state.get("fingerprint") != fingerprint:
             raise TrainingError(
-                f"the checkpoint {checkpoint} was written for another run ({state.get('fingerprint')}, this one: "
+                f"the checkpoint {path} was written for another run ({state.get('fingerprint')}, this one: "
                 f"{fingerprint}); pass resume=False to overwrite it or choose another checkpoint_path"
             )
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
-        generator.set_state(state["generator_state"])
-        history = state["history"]
-        best_loss, best_epoch, best_state = state["best_loss"], state["best_epoch"], state["best_state"]
-        epochs_without_improvement, stopped_early = state["epochs_without_improvement"], state["stopped_early"]
-        start_epoch = state["epoch"] + 1
-        logger.info("resuming force-field training from %s at epoch %d", checkpoint, start_epoch)
+        self.generator.set_state(state["generator_state"])
+        self.history = state["history"]
+        self.best_loss, self.best_state = state["best_loss"], state["best_state"]
+        self.stopped_early = state["stopped_early"]
+        if state["checkpoint_version"] == 1:  # epoch-based checkpoints: resume at the next epoch
+            self.best_validation = state["best_epoch"]
+            self.best_step = (state["best_epoch"] + 1) * steps_per_epoch
+            self.step = self.position = (state["epoch"] + 1) * steps_per_epoch
+            self.steps_without_improvement = state["epochs_without_improvement"] * steps_per_epoch
+            self.history.setdefault("step", [(index + 1) * steps_per_epoch for index in range(len(self.history["train_loss"]))])
+        else:
+            for name in ("best_validation", "best_step", "step", "position", "order", "steps_without_improvement"):
+                setattr(self, name, state[name])
+        logger.info("resuming force-field training from %s at step %d", path, self.step)
 
-    initial_validation = history.get("initial_validation_loss")
-    if initial_validation is None:
-        initial_validation = [_evaluate(model, validation_x, validation_residual, batch_size)]
-        history["initial_validation_loss"] = initial_validation
+    def state(self) -> dict:
+        names = ("history", "best_loss", "best_validation", "best_step", "best_state", "step", "position", "order",
+                 "steps_without_improvement", "stopped_early")
+        return {name: getattr(self, name) for name in names} | {"generator_state": self.generator.get_state()}
 
+    def next_batch(self, n_frames: int, batch_size: int) -> Tensor:
+        """Indices of the next batch; a new shuffled order at the start of every epoch."""
+        if self.order is None or self.position * batch_size >= n_frames:
+            self.order = torch.randperm(n_frames, generator=self.generator)
+            self.position = 0
+        batch = self.order[self.position * batch_size:(self.position + 1) * batch_size]
+        self.position += 1
+        return batch.to(self.device)
+
+
+def _training_loop(run: _RunState, model: nn.Module, optimizer: Any, scheduler: Any, train: _ForceData,
+                   validation: _ForceData, settings: dict) -> None:
+    """Optimiser steps until the budget is spent or early stopping; validate every ``interval``."""
     from tqdm.auto import tqdm
 
-    started = time.perf_counter()
-    epoch_range = range(start_epoch, epochs) if not stopped_early else range(0)
-    bar = tqdm(epoch_range, desc="force matching", unit="epoch", disable=not progress, leave=False)
-    for epoch in bar:
-        model.train()
-        order = torch.randperm(train_x.shape[0], generator=generator).to(device)
-        total, count = 0.0, 0
-        for batch in order.split(batch_size):
-            optimizer.zero_grad(set_to_none=True)
-            loss = force_matching_loss(model, train_x[batch], train_residual[batch], create_graph=True)
-            loss.backward()
-            optimizer.step()
-            if hasattr(model, "project_lipschitz"):
-                model.project_lipschitz()
-            total += float(loss.detach()) * batch.numel()
-            count += batch.numel()
-        train_loss = total / count
-        validation_loss = _evaluate(model, validation_x, validation_residual, batch_size)
-        scheduler.step(validation_loss)
-        history["train_loss"].append(train_loss)
-        history["validation_loss"].append(validation_loss)
-        history["learning_rate"].append(float(optimizer.param_groups[0]["lr"]))
-        if validation_loss < best_loss - minimum_improvement:
-            best_loss, best_epoch = validation_loss, epoch
-            best_state = copy.deepcopy(model.state_dict())
-            epochs_without_improvement = 0
-        else:
-            epochs_without_improvement += 1
-        bar.set_postfix(train=f"{train_loss:.4g}", validation=f"{validation_loss:.4g}")
-        logger.info("epoch %d: train %.6g, validation %.6g (kJ/mol/nm)^2", epoch, train_loss, validation_loss)
-        stopped_early = early_stopping_patience > 0 and epochs_without_improvement >= early_stopping_patience
-        if checkpoint is not None:
-            _save_checkpoint(
-                checkpoint,
-                {
-                    "checkpoint_version": CHECKPOINT_VERSION,
-                    "fingerprint": fingerprint,
-                    "epoch": epoch,
-                    "model_state": model.state_dict(),
-                    "optimizer_state": optimizer.state_dict(),
-                    "scheduler_state": scheduler.state_dict(),
-                    "generator_state": generator.get_state(),
-                    "history": history,
-                    "best_loss": best_loss,
-                    "best_epoch": best_epoch,
-                    "best_state": best_state,
-                    "epochs_without_improvement": epochs_without_improvement,
-                    "stopped_early": stopped_early,
-                },
-            )
-        if stopped_early:
-            logger.info("early stopping after epoch %d (best epoch %d)", epoch, best_epoch)
-            break
+    total_steps = settings["total_steps"]
+    remaining = 0 if run.stopped_early else max(0, total_steps - run.step)
+    bar = tqdm(total=remaining, desc="force matching", unit="step", disable=not settings["progress"], leave=False)
+    total, count = 0.0, 0
+    model.train()
+    while run.step < total_steps and not run.stopped_early:
+        batch = run.next_batch(len(train), settings["batch_size"])
+        optimizer.zero_grad(set_to_none=True)
+        loss = train.loss(model, batch, create_graph=True)
+        loss.backward()
+        optimizer.step()
+        if hasattr(model, "project_lipschitz"):
+            model.project_lipschitz()
+        if not settings["plateau"]:
+            scheduler.step()
+        total, count = total + float(loss.detach()) * batch.numel(), count + batch.numel()
+        run.step += 1
+        bar.update(1)
+        if run.step % settings["interval"] == 0 or run.step == total_steps:
+            _validate(run, model, optimizer, scheduler, validation, total / count, settings)
+            bar.set_postfix(train=f"{total / count:.4g}", validation=f"{run.history['validation_loss'][-1]:.4g}")
+            total, count = 0.0, 0
+            model.train()
     bar.close()
 
-    model.load_state_dict(best_state)
-    model.eval()
-    model.training_info = {
-        "method": method,
-        "frames": int(train_positions.shape[0]),
-        "validation_frames": int(validation_positions.shape[0]),
-        "epochs": len(history["train_loss"]),
-        "best_epoch": int(best_epoch),
-        "stopped_early": bool(stopped_early),
-        "seed": int(seed),
-        "batch_size": int(batch_size),
-        "learning_rate": float(learning_rate),
-        "weight_decay": float(weight_decay),
-        "dtype": str(dtype).replace("torch.", ""),
-        "temperature": _temperature_of(data),
-        "loss": "mean squared force error, (kJ/mol/nm)^2",
-        "initial_validation_loss": float(initial_validation[0]),
-        "best_validation_loss": float(best_loss) if math.isfinite(best_loss) else None,
-        "train_loss": [float(value) for value in history["train_loss"]],
-        "validation_loss": [float(value) for value in history["validation_loss"]],
-        "training_seconds": time.perf_counter() - started,
-        "model": model.config() if hasattr(model, "config") else {"class": type(model).__name__},
-    }
-    return model
+
+def _validate(run: _RunState, model: nn.Module, optimizer: Any, scheduler: Any, validation: _ForceData,
+              train_loss: float, settings: dict) -> None:
+    """Record losses, update the best state, the plateau schedule and early stopping; checkpoint."""
+    validation_loss = _evaluate(model, validation, settings["batch_size"])
+    if settings["plateau"]:
+        scheduler.step(validation_loss)
+    steps_since = run.step - (run.history["step"][-1] if run.history["step"] else 0)
+    run.history["train_loss"].append(train_loss)
+    run.history["validation_loss"].append(validation_loss)
+    run.history["learning_rate"].append(float(optimizer.param_groups[0]["lr"]))
+    run.history["step"].append(run.step)
+    if validation_loss < run.best_loss - settings["minimum_improvement"]:
+        run.best_loss, run.best_validation, run.best_step = validation_loss, len(run.history["step"]) - 1, run.step
+        run.best_state = copy.deepcopy(model.state_dict())
+        run.steps_without_improvement = 0
+    else:
+        run.steps_without_improvement += steps_since
+    logger.info("step %d: train %.6g, validation %.6g (kJ/mol/nm)^2", run.step, train_loss, validation_loss)
+    patience = settings["patience"]
+    run.stopped_early = patience > 0 and run.steps_without_improvement >= patience
+    if settings["checkpoint"] is not None:
+        _save_checkpoint(
+            settings["checkpoint"],
+            {
+                "checkpoint_version": CHECKPOINT_VERSION,
+                "fingerprint": settings["fingerprint"],
+                "model_state": model.state_dict(),
+                "optimizer_state": optimizer.state_dict(),
+                "scheduler_state": scheduler.state_dict(),
+            } | run.state(),
+        )
+    if run.stopped_early:
+        logger.info("early stopping at step %d (best at step %d)", run.step, run.best_step)
 
 
 def _default_model(positions: np.ndarray, bonds: Any, model_kwargs: dict, seed: int) -> CGNet:
@@ -396,12 +658,12 @@ def _default_model(positions: np.ndarray, bonds: Any, model_kwargs: dict, seed: 
         return CGNet(features, **kwargs)
 
 
-def _evaluate(model: nn.Module, positions: Tensor, residual_forces: Tensor, batch_size: int) -> float:
+def _evaluate(model: nn.Module, data: _ForceData, batch_size: int) -> float:
     """Mean squared force error over a data set, (kJ/mol/nm)²."""
     model.eval()
     total = 0.0
-    for start in range(0, positions.shape[0], batch_size):
-        chunk = slice(start, start + batch_size)
-        loss = force_matching_loss(model, positions[chunk], residual_forces[chunk], create_graph=False)
-        total += float(loss.detach()) * positions[chunk].shape[0]
-    return total / positions.shape[0]
+    for start in range(0, len(data), batch_size):
+        chunk = slice(start, min(start + batch_size, len(data)))
+        loss = data.loss(model, chunk, create_graph=False)
+        total += float(loss.detach()) * (chunk.stop - chunk.start)
+    return total / len(data)

@@ -1,0 +1,185 @@
+"""Benchmark: milliseconds per force-matching optimiser step, old path vs new path, on CPU.
+
+One optimiser step of :func:`openmm_flowmatch.forcefield.train_force_field` (batch 256, Adam,
+Lipschitz projection after the step) for a CGNet of the alanine-dipeptide size (width 160,
+5 layers, tanh, Lipschitz bound 4) on 5-bead configurations, in four variants:
+
+- ``baseline``: autograd through the features at every step (double back-propagation through
+  features and MLP) + ``torch.linalg.matrix_norm(ord=2)`` float64 norm of every weight in the
+  Lipschitz projection (the old trainer, verbatim);
+- ``power_iteration``: as baseline, but the warm-started power-iteration projection;
+- ``precomputed_features``: forces −Jᵀ ∂U/∂φ from precomputed features and Jacobians, old projection;
+- ``new``: both changes (what the trainer does now).
+
+Data: ``/work/shared/data/ala2_train/seed101/chunk_0000.npz`` (``x`` nm, ``f`` kJ/mol/nm) when it
+exists (or ``--data FILE``), else synthetic random 5-bead chains. Also reported: the largest
+force difference between the two force paths on the same network (float32 and float64), and the
+largest parameter difference after a few float64 training steps along the old and new paths.
+
+Writes ``benchmarks/results/training_speed.json`` (or ``--output``).
+
+Usage::
+
+    python benchmarks/bench_training_speed.py [--threads 1] [--steps 60] [--repeats 3] [--batch-size 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from openmm_flowmatch.forcefield import CGNet, InvariantFeatures
+from openmm_flowmatch.forcefield.training import _force_data, forces_from_features, forces_of
+
+DEFAULT_DATA = Path("/work/shared/data/ala2_train/seed101/chunk_0000.npz")
+VARIANTS = {
+    "baseline": (False, True),
+    "power_iteration": (False, False),
+    "precomputed_features": (True, True),
+    "new": (True, False),
+}
+"""name: (precomputed features, exact SVD projection)."""
+
+
+def load_frames(path: Path | None, n_frames: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Positions and forces of real data when available, else synthetic chains with random forces."""
+    if path is not None and path.exists():
+        content = np.load(path)
+        return content["x"][:n_frames].astype(np.float64), content["f"][:n_frames].astype(np.float64), str(path)
+    generator = np.random.default_rng(0)
+    steps = generator.normal(size=(n_frames, 5, 3))
+    steps = (0.15 + 0.01 * generator.normal(size=(n_frames, 5, 1))) * steps / np.linalg.norm(steps, axis=-1, keepdims=True)
+    return np.cumsum(steps, axis=1), 100.0 * generator.normal(size=(n_frames, 5, 3)), "synthetic random 5-bead chains"
+
+
+def make_model(positions: np.ndarray, dtype: torch.dtype) -> CGNet:
+    torch.manual_seed(0)
+    features = InvariantFeatures.from_positions(positions)
+    return CGNet(features, hidden_width=160, n_layers=5, activation="tanh", lipschitz_bound=4.0).to(dtype)
+
+
+@torch.no_grad()
+def old_projection(model: CGNet) -> None:
+    """The projection before the power iteration: a float64 SVD norm of every weight, every step."""
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Linear):
+            sigma = torch.linalg.matrix_norm(layer.weight.double(), ord=2)
+            scale = float(max(1.0, float(sigma) / model.lipschitz_bound))
+            if scale > 1.0:
+                layer.weight.div_(scale)
+
+
+def run_steps(model: CGNet, data, n_steps: int, batch_size: int, exact: bool, seed: int = 0) -> float:
+    """Seconds for ``n_steps`` optimiser steps (Adam lr 3e-3, projection after each)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    for _ in range(n_steps):
+        batch = torch.randint(len(data), (batch_size,), generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss = data.loss(model, batch, create_graph=True)
+        loss.backward()
+        optimizer.step()
+        if exact:
+            old_projection(model)
+        else:
+            model.project_lipschitz()
+    return time.perf_counter() - started
+
+
+def time_variants(positions, forces, arguments) -> dict:
+    """Fastest of ``repeats`` interleaved timings, ms per step, for every variant."""
+    datasets = {}
+    for precompute in (False, True):
+        model = make_model(positions, torch.float32)
+        x, f = torch.tensor(positions, dtype=torch.float32), torch.tensor(forces, dtype=torch.float32)
+        started = time.perf_counter()
+        datasets[precompute] = _force_data(model, x, f, precompute)
+        if precompute:
+            precompute_seconds = time.perf_counter() - started
+    timings = {name: [] for name in VARIANTS}
+    for _ in range(arguments.repeats):
+        for name, (precompute, exact) in VARIANTS.items():
+            model = make_model(positions, torch.float32)
+            run_steps(model, datasets[precompute], 5, arguments.batch_size, exact)  # warm-up
+            seconds = run_steps(model, datasets[precompute], arguments.steps, arguments.batch_size, exact)
+            timings[name].append(1000.0 * seconds / arguments.steps)
+    return {"ms_per_step": {name: min(values) for name, values in timings.items()},
+            "ms_per_step_all_repeats": timings, "precompute_seconds": precompute_seconds}
+
+
+def force_differences(positions: np.ndarray, n_frames: int = 1000) -> dict:
+    """Largest |F_precomputed − F_autograd| and relative to max |F| on the same network."""
+    result = {}
+    for dtype in (torch.float32, torch.float64):
+        model = make_model(positions, dtype)
+        x = torch.tensor(positions[:n_frames], dtype=dtype)
+        data = _force_data(model, x, torch.zeros_like(x), True)
+        reference = forces_of(model, x).flatten(1)
+        precomputed = forces_from_features(model, data.features, data.jacobian)
+        difference = float((precomputed - reference).abs().max())
+        result[str(dtype).replace("torch.", "")] = {
+            "max_abs_difference_kJ_mol_nm": difference,
+            "relative_to_max_force": difference / float(reference.abs().max()),
+        }
+    return result
+
+
+def parameter_difference(positions, forces, n_steps: int = 20) -> float:
+    """Largest parameter difference after ``n_steps`` float64 steps along the old and new paths."""
+    models = []
+    for precompute, exact in ((False, True), (True, False)):
+        model = make_model(positions, torch.float64)
+        x, f = torch.tensor(positions[:2000]), torch.tensor(forces[:2000])
+        run_steps(model, _force_data(model, x, f, precompute), n_steps, 256, exact)
+        models.append(model)
+    return max(float((a - b).detach().abs().max()) for a, b in zip(models[0].parameters(), models[1].parameters()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--frames", type=int, default=5000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "training_speed.json")
+    arguments = parser.parse_args()
+    torch.set_num_threads(arguments.threads)
+    positions, forces, source = load_frames(arguments.data, arguments.frames)
+    load_before = os.getloadavg()
+    timings = time_variants(positions, forces, arguments)
+    ms = timings["ms_per_step"]
+    result = {
+        "benchmark": "force-matching ms per optimiser step, old vs new path (benchmarks/bench_training_speed.py)",
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+                    "load_average_before": load_before, "load_average_after": os.getloadavg()},
+        "torch_version": torch.__version__,
+        "settings": {"threads": arguments.threads, "batch_size": arguments.batch_size, "dtype": "float32",
+                     "steps_timed": arguments.steps, "repeats": arguments.repeats, "reported": "fastest repeat",
+                     "model": "CGNet width 160, 5 layers, tanh, Lipschitz bound 4, Adam lr 3e-3",
+                     "data": source, "frames": int(len(positions))},
+        "ms_per_step": ms,
+        "ms_per_step_all_repeats": timings["ms_per_step_all_repeats"],
+        "speedup_vs_baseline": {name: ms["baseline"] / value for name, value in ms.items()},
+        "precompute_seconds": timings["precompute_seconds"],
+        "force_difference_between_paths": force_differences(positions),
+        "max_parameter_difference_after_20_float64_steps": parameter_difference(positions, forces),
+    }
+    arguments.output.parent.mkdir(parents=True, exist_ok=True)
+    arguments.output.write_text(json.dumps(result, indent=1) + "\n")
+    json.dump({key: result[key] for key in ("ms_per_step", "speedup_vs_baseline")}, sys.stdout, indent=1)
+
+
+if __name__ == "__main__":
+    main()
