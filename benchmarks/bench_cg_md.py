@@ -9,8 +9,13 @@ Measured in one run, on one OpenMM platform (CPU by default):
   size (width 160, 5 layers, tanh, Lipschitz bound 4; the cost of a trained one is the same)
   plus priors fitted to perturbed copies of the PDB structure, LangevinMiddleIntegrator 5 fs;
   for R = 1, 10, 100, 1000 independent replicas in one System (one batched network call per
-  step), with the ``TorchForce`` and the ``PythonForce`` backend. Aggregate throughput is
-  reported as bead-steps/s = R · 5 · steps/s.
+  step), with the ``TorchForce`` backend, the ``PythonForce`` backend running the TorchScript
+  module, and the ``exported`` backend (``PythonForce`` running the ``torch.export`` program of the
+  ``.pt2`` file, eager ``.module()``). Aggregate throughput is reported as
+  bead-steps/s = R · 5 · steps/s.
+- AOTInductor (``--aoti``): the float64 energy program compiled with
+  ``torch._inductor.aoti_compile_and_package``; compile time, and energy-only call time against the
+  eager exported program (an AOTInductor package has no autograd, so it cannot give MD forces).
 
 With ``--platform CUDA`` the TorchForce rows are measured with and without CUDA graphs.
 
@@ -141,6 +146,40 @@ def cg(force_field: FlowMatchForceField, mapping: CGMapping, configurations: np.
     return result
 
 
+def call_time(function, positions: torch.Tensor, seconds: float = 1.0) -> float:
+    """Mean seconds per call of ``function(positions)`` after 5 warm-up calls."""
+    for _ in range(5):
+        function(positions)
+    calls, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        function(positions)
+        calls += 1
+    return (time.perf_counter() - started) / calls
+
+
+def aoti_energy_only(force_field: FlowMatchForceField, configurations: np.ndarray, replica_counts: list) -> dict:
+    """Compile the float64 energy program with AOTInductor; its energy-only call time vs the eager program."""
+    program = force_field.exported_programs["model"]
+    eager = force_field.exported_module()
+    result: dict = {"what": "energy only (no forces): AOTInductor packages have no autograd"}
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory() as directory:
+            package = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(directory) / "aoti.pt2"))
+            compiled = torch._inductor.aoti_load_package(package)
+            result["compile_seconds"] = round(time.perf_counter() - started, 1)
+            for replicas in replica_counts:
+                x = torch.tensor(configurations[np.arange(replicas) % len(configurations)].reshape(-1, 3))
+                result[f"R{replicas}"] = {
+                    "aoti_ms": 1e3 * call_time(compiled, x), "eager_exported_ms": 1e3 * call_time(eager, x),
+                    "max_abs_energy_difference": abs(float(compiled(x)) - float(eager(x))),
+                }
+    except Exception as error:  # noqa: BLE001 - record whatever AOTInductor raises on this machine
+        result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    logger.info("AOTInductor: %s", result)
+    return result
+
+
 def best_of(rows: list[dict]) -> dict:
     """The fastest of repeated measurements (the least disturbed by other load), with all rates kept."""
     best = dict(max(rows, key=lambda row: row["steps_per_second"]))
@@ -155,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="CPU platform threads and torch threads (default 1)")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement (default 3)")
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 10, 100, 1000])
-    parser.add_argument("--backends", nargs="+", default=["torchforce", "pythonforce"])
+    parser.add_argument("--backends", nargs="+", default=["torchforce", "pythonforce", "exported"])
+    parser.add_argument("--aoti", action="store_true", help="also compile the energy program with AOTInductor")
     parser.add_argument("--repeats", type=int, default=2,
                         help="interleaved repeats of every measurement; the fastest is reported (default 2)")
     parser.add_argument("--output", type=Path, default=RESULTS / "cg_md_speed.json")
@@ -187,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
                 logger.info("repeat %d: CG %s R=%d%s: %.1f steps/s, %.3g bead-steps/s", repeat, backend, replicas,
                             "" if cuda_graphs is None else f" graphs={cuda_graphs}", row["steps_per_second"],
                             row["bead_steps_per_second"])
+        if args.aoti:
+            results["aoti_energy_only"] = aoti_energy_only(force_field, configurations, args.replicas)
     results["all_atom"] = best_of(all_atom_runs)
     results["cg"] = [best_of(rows) for rows in measured.values()]
     single = [row for row in results["cg"] if row["replicas"] == 1 and row["backend"] == "torchforce"]
@@ -198,9 +240,10 @@ def main(argv: list[str] | None = None) -> dict:
             ns_per_day(single[0]["steps_per_second"], CG_TIME_STEP_PS) / results["all_atom"]["ns_per_day"])
     for replicas in args.replicas:
         pair = {row["backend"]: row for row in results["cg"] if row["replicas"] == replicas and not row.get("cuda_graphs")}
-        if "torchforce" in pair and "pythonforce" in pair:
-            summary[f"pythonforce_over_torchforce_R{replicas}"] = (
-                pair["pythonforce"]["steps_per_second"] / pair["torchforce"]["steps_per_second"])
+        for other in ("pythonforce", "exported"):
+            if "torchforce" in pair and other in pair:
+                summary[f"{other}_over_torchforce_R{replicas}"] = (
+                    pair[other]["steps_per_second"] / pair["torchforce"]["steps_per_second"])
     report = {
         "benchmark": "CG neural force field vs all-atom OpenMM speed, alanine dipeptide (benchmarks/bench_cg_md.py)",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
@@ -214,6 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
                   "bound 4 (same cost as a trained one) + harmonic bond/angle priors; LangevinMiddleIntegrator "
                   "300 K, 1/ps, 5 fs; R replicas in one System, one batched network call per step",
             "bead_steps_per_second": "replicas * 5 beads * steps/s",
+            "backends": "torchforce = openmmtorch.TorchForce (TorchScript); pythonforce = openmm.PythonForce calling "
+                        "the TorchScript module; exported = openmm.PythonForce calling the torch.export program "
+                        "(.pt2, eager .module(), autograd forces)",
         },
         "machine": {
             "description": "2-core CPU shared with about 6 other engineers running tests at the same time; the "

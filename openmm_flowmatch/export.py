@@ -1,12 +1,16 @@
-"""The force-field artifact: one self-describing TorchScript file, and its OpenMM System.
+"""The force-field artifact: a TorchScript file and a torch.export file, and its OpenMM System.
 
-:func:`export_force_field` writes the network term U_net as a TorchScript module with the
-metadata JSON of DESIGN.md ("The force-field artifact") inside the same file
-(``torch.jit.save(..., _extra_files={"openmm_flowmatch.json": ...})``).
-:class:`FlowMatchForceField` reads it back and builds an ``openmm.System`` with bead masses, the
-prior terms as standard OpenMM forces and one network force, either
-``openmmtorch.TorchForce`` (production path; TorchScript, CUDA graphs) or ``openmm.PythonForce``
-(OpenMM ≥ 8.5; the TorchScript, eager or ``torch.compile``d model called from Python).
+:func:`export_force_field` writes the network term U_net twice, each file with the metadata JSON
+of DESIGN.md ("The force-field artifact") inside it: ``model.pt``, a TorchScript module
+(``torch.jit.save(..., _extra_files={"openmm_flowmatch.json": ...})``, format version 1), and
+``model.pt2``, ``torch.export`` ExportedPrograms in float64 and float32 with the replica count
+dynamic (format version 2, see :mod:`openmm_flowmatch.artifact_formats` and
+docs/compatibility.md). :class:`FlowMatchForceField` reads either file and builds an
+``openmm.System`` with bead masses, the prior terms as standard OpenMM forces and one network
+force: ``openmmtorch.TorchForce`` (default; TorchScript, CUDA graphs), ``openmm.PythonForce``
+running the TorchScript / eager / ``torch.compile``d model (``"pythonforce"``) or the exported
+program (``"exported"``, no TorchScript anywhere), or openmm-torch's ``PythonTorchForce`` where
+the installed openmm-torch has one.
 
 The scripted module's ``forward(positions)`` takes ``(R·n_beads, 3)`` positions in nm (float32 or
 float64) and returns the summed network energy (0-d, kJ/mol, input dtype) of R independent copies
@@ -36,35 +40,49 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from openmm_flowmatch.artifact_formats import (
+    ARTIFACT_FORMAT_VERSION,
+    EXPORTED_FORMAT_VERSION,
+    METADATA_FILE,
+    PROGRAM_NAMES,
+    TORCHSCRIPT_FORMAT_VERSION,
+    ArtifactError,
+    ExportedEnergy,
+    companion_path,
+    export_energy_programs,
+    file_format,
+    load_exported,
+    parse_metadata,
+    read_weights,
+    save_exported,
+)
+from openmm_flowmatch.compatibility import (
+    BACKENDS,
+    TorchScriptDeprecationWarning,
+    choose_default_backend,
+    python_torch_force_class,
+    warn_if_deprecated,
+)
 from openmm_flowmatch.topology import replicate_topology
 
 __all__ = [
     "ARTIFACT_FORMAT_VERSION",
     "METADATA_FILE",
     "ArtifactError",
+    "ExportedEnergy",
     "ForceFieldModule",
     "FlowMatchForceField",
     "TorchComputation",
     "build_module",
     "export_force_field",
+    "read_weights",
     "replicate_forces",
+    "TorchScriptDeprecationWarning",
     "update_artifact_metadata",
     "replicate_topology",
 ]
 
 logger = logging.getLogger(__name__)
-
-ARTIFACT_FORMAT_VERSION = 1
-"""Version of the artifact layout (metadata keys and module signature)."""
-
-METADATA_FILE = "openmm_flowmatch.json"
-"""Name of the metadata entry stored next to the TorchScript code in the artifact."""
-
-BACKENDS = ("torchforce", "pythonforce")
-
-
-class ArtifactError(ValueError):
-    """A file is not a valid force-field artifact, or does not fit the topology it is used with."""
 
 
 # ---------------------------------------------------------------------------- the exported module
@@ -179,8 +197,9 @@ def export_force_field(
     training: Optional[dict] = None,
     replicas: int = 1,
     data_statistics: Optional[dict] = None,
+    exported_program: bool = True,
 ) -> Path:
-    """Write the network term and everything needed to simulate it into one TorchScript file.
+    """Write the network term and everything needed to simulate it: a TorchScript file and a .pt2 file.
 
     Parameters
     ----------
@@ -214,17 +233,21 @@ def export_force_field(
         ``angle_std`` (rad, one per triple of ``angles``, default the bonded triples). Stored
         under ``"data_statistics"``; simulations compare their bond widths against them
         (without them, against the widths the Boltzmann-inverted priors imply).
+    exported_program
+        Also write ``path`` with suffix ``.pt2``: the ``torch.export`` programs (float64 and
+        float32, R dynamic) with the same metadata (format version 2), which load without
+        TorchScript. Skipped, with a logged warning, for an already scripted model.
 
     Returns
     -------
     pathlib.Path
-        The written file.
+        The TorchScript file (its ``.pt2`` companion lies next to it).
 
     Raises
     ------
     ArtifactError
-        If the model does not script, its bead count differs from the mapping's, or it gives a
-        non-finite energy.
+        If the model does not script or export, its bead count differs from the mapping's, it
+        gives a non-finite energy, or the exported program disagrees with the scripted module.
     """
     from openmm_flowmatch import __version__
     from openmm_flowmatch.units import kelvin
@@ -238,14 +261,17 @@ def export_force_field(
         raise ArtifactError(f"replicas must be >= 1, got {replicas}")
     if training is None:
         training = getattr(model, "training_info", None) or {}
+    module = build_module(model, n_beads)
     try:
-        scripted = torch.jit.script(build_module(model, n_beads))
+        scripted = torch.jit.script(module)
     except Exception as error:  # noqa: BLE001 - the TorchScript compiler raises many types
         raise ArtifactError(f"the model cannot be compiled with torch.jit.script: {error}") from error
     _check_module(scripted, n_beads)
+    path = Path(path)
+    programs = _exported_programs(module, scripted, n_beads) if exported_program else None
 
     metadata = {
-        "format_version": ARTIFACT_FORMAT_VERSION,
+        "format_version": TORCHSCRIPT_FORMAT_VERSION,
         "package": "openmm_flowmatch",
         "package_version": __version__,
         "torch_version": torch.__version__,
@@ -267,12 +293,44 @@ def export_force_field(
     }
     if data_statistics is not None:
         metadata["data_statistics"] = _data_statistics(data_statistics, metadata["bonds"], n_beads)
-    text = json.dumps(_json_ready(metadata), indent=1)
-    path = Path(path)
+    metadata["files"] = {"torchscript": path.name, "exported_program": None if programs is None else companion_path(path).name}
+    metadata = _json_ready(metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(scripted, str(path), _extra_files={METADATA_FILE: text})
-    logger.info("wrote the force-field artifact %s (%d beads)", path, n_beads)
+    # both files are written under temporary names and then renamed (the program first), so an
+    # interrupted export never leaves a half-written artifact or a .pt without its .pt2
+    temporary = path.with_name(f".{path.name}.partial")
+    torch.jit.save(scripted, str(temporary), _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
+    if programs is not None:
+        exported = companion_path(path)
+        exported_temporary = exported.with_name(f".{exported.name}.partial")
+        save_exported(str(exported_temporary), programs, _exported_metadata_text(metadata))
+        os.replace(exported_temporary, exported)
+    os.replace(temporary, path)
+    logger.info("wrote the force-field artifact %s%s (%d beads)", path,
+                "" if programs is None else f" and {companion_path(path).name}", n_beads)
     return path
+
+
+def _exported_metadata_text(metadata: dict) -> str:
+    """The metadata JSON of the .pt2 file: the TorchScript file's, with format version 2."""
+    exported = dict(metadata, format_version=EXPORTED_FORMAT_VERSION, format="torch.export ExportedProgram (PT2 archive)")
+    return json.dumps(exported, indent=1)
+
+
+def _exported_programs(module: ForceFieldModule, scripted: torch.jit.ScriptModule, n_beads: int) -> Optional[dict]:
+    """The float64/float32 ExportedPrograms of ``module``, checked against the scripted module."""
+    if isinstance(module.double_model, torch.jit.ScriptModule):
+        logger.warning("the model is already TorchScript, which torch.export cannot trace; no .pt2 file is written")
+        return None
+    programs = export_energy_programs(module.double_model, module.single_model, n_beads)
+    exported = ExportedEnergy(programs, n_beads)
+    generator = torch.Generator().manual_seed(1)
+    positions = torch.cumsum(0.15 * torch.randn(3 * n_beads, 3, generator=generator, dtype=torch.float64), dim=0)
+    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        expected = float(scripted(positions.to(dtype)))
+        if abs(float(exported(positions.to(dtype))) - expected) > tolerance * max(1.0, abs(expected)):
+            raise ArtifactError(f"the exported program's {dtype} energy differs from the TorchScript module's")
+    return programs
 
 
 def _data_statistics(statistics: dict, bonds: list, n_beads: int) -> dict:
@@ -312,9 +370,20 @@ def update_artifact_metadata(path: str | os.PathLike, updates: dict) -> dict:
     field = FlowMatchForceField.load(path)
     metadata = field.metadata
     metadata.update(_json_ready(updates))
-    temporary = path.with_name(f".{path.name}.tmp")
-    torch.jit.save(field.module, str(temporary), _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
-    os.replace(temporary, path)
+    if field.has_torchscript:
+        temporary = path.with_name(f".{path.name}.tmp")
+        torch.jit.save(field.module, str(temporary), _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
+        os.replace(temporary, path)
+    exported = companion_path(path)
+    if exported.is_file():
+        programs, text = load_exported(str(exported), exported)
+        exported_metadata = dict(json.loads(text) if text else metadata)
+        exported_metadata.update(_json_ready(updates))
+        temporary = exported.with_name(f".{exported.name}.tmp")
+        save_exported(str(temporary), programs, json.dumps(exported_metadata, indent=1))
+        os.replace(temporary, exported)
+        if not field.has_torchscript:
+            metadata = exported_metadata
     logger.info("updated %s in the metadata of %s", ", ".join(map(str, updates)), path)
     return metadata
 
@@ -427,62 +496,66 @@ class TorchComputation:
         self._callable = None
 
 
+def _python_force(computation: "TorchComputation") -> Any:
+    """``openmm.PythonForce`` around ``computation``, or an ArtifactError on OpenMM < 8.5."""
+    import openmm
+
+    if not hasattr(openmm, "PythonForce"):
+        raise ArtifactError(f"openmm {openmm.__version__} has no PythonForce (needs OpenMM >= 8.5); use backend='torchforce'")
+    return openmm.PythonForce(computation)
+
+
 # ---------------------------------------------------------------------------------- the reader
 class FlowMatchForceField:
-    """A loaded force-field artifact: the scripted network, its metadata, and System building.
+    """A loaded force-field artifact: the network, its metadata, and System building.
 
-    Use :meth:`load`; the constructor takes an already loaded module and its metadata.
+    Use :meth:`load`; the constructor takes an already loaded TorchScript module (or ``None``),
+    the metadata, and optionally the loaded ExportedPrograms.
     """
 
-    def __init__(self, module: torch.jit.ScriptModule, metadata: dict, path: Optional[Path] = None) -> None:
+    def __init__(
+        self,
+        module: Optional[torch.jit.ScriptModule],
+        metadata: dict,
+        path: Optional[Path] = None,
+        programs: Optional[dict] = None,
+    ) -> None:
+        if module is None and programs is None:
+            raise ArtifactError("a force field needs a TorchScript module or exported programs")
         self._module = module
         self._metadata = metadata
         self.path = path
+        self._programs = programs
+        self._exported: Optional[ExportedEnergy] = None
 
     # .......................................................................... reading
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FlowMatchForceField":
-        """Read an artifact written by :func:`export_force_field`.
+        """Read an artifact written by :func:`export_force_field`: the ``.pt`` or the ``.pt2`` file.
+
+        The format is recognised from the archive's contents. A ``.pt2`` file is read with
+        ``torch.export`` only (``torch.jit`` is never called); its TorchScript sibling, if any, is
+        not opened.
 
         Raises
         ------
         ArtifactError
-            If the file does not exist, is not TorchScript, holds no ``openmm_flowmatch``
-            metadata, or comes from a newer format version.
+            If the file does not exist, is truncated or of neither format, holds no
+            ``openmm_flowmatch`` metadata, or comes from a newer format version.
         """
         path = Path(path)
-        if not path.is_file():
-            raise ArtifactError(f"{path}: no such force-field file")
+        if file_format(path) == "exported":
+            programs, text = load_exported(str(path), path)
+            return cls(None, parse_metadata(text, path), path, programs)
         extra = {METADATA_FILE: ""}
         try:
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         except Exception as error:  # noqa: BLE001 - torch raises RuntimeError/ValueError/pickle errors
             raise ArtifactError(
                 f"{path} is not a TorchScript force-field artifact (torch.jit.load failed: {str(error).splitlines()[0]}); "
-                "write one with openmm_flowmatch.export_force_field"
+                "copy the file again or write one with openmm_flowmatch.export_force_field"
             ) from error
-        text = extra[METADATA_FILE]
-        if isinstance(text, bytes):
-            text = text.decode("utf-8")
-        if not text:
-            raise ArtifactError(
-                f"{path} is a TorchScript file but holds no {METADATA_FILE} metadata, so it is not an openmm_flowmatch "
-                "artifact; export the model with openmm_flowmatch.export_force_field"
-            )
-        try:
-            metadata = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ArtifactError(f"{path}: the {METADATA_FILE} metadata is not valid JSON ({error})") from error
-        version = metadata.get("format_version")
-        if not isinstance(version, int) or version > ARTIFACT_FORMAT_VERSION:
-            raise ArtifactError(
-                f"{path}: artifact format version {version!r} is not understood by this openmm_flowmatch "
-                f"(knows up to {ARTIFACT_FORMAT_VERSION}); update the package"
-            )
-        for key in ("n_beads", "masses", "bead_names"):
-            if key not in metadata:
-                raise ArtifactError(f"{path}: the metadata lacks {key!r}; re-export the model")
-        return cls(module, metadata, path)
+        return cls(module, parse_metadata(extra[METADATA_FILE], path), path)
 
     @property
     def metadata(self) -> dict:
@@ -490,9 +563,41 @@ class FlowMatchForceField:
         return copy.deepcopy(self._metadata)
 
     @property
-    def module(self) -> torch.jit.ScriptModule:
-        """The scripted network term: positions ``(R·n_beads, 3)`` nm → 0-d energy kJ/mol."""
-        return self._module
+    def module(self) -> nn.Module:
+        """The network term: positions ``(R·n_beads, 3)`` nm → 0-d energy kJ/mol.
+
+        The TorchScript module when the artifact was loaded from its ``.pt`` file, otherwise the
+        :class:`ExportedEnergy` of the ``.pt2`` file.
+        """
+        return self._module if self._module is not None else self.exported_module()
+
+    @property
+    def has_torchscript(self) -> bool:
+        """Whether the TorchScript module is loaded (the artifact was read from its ``.pt`` file)."""
+        return self._module is not None
+
+    @property
+    def exported_programs(self) -> dict:
+        """The ``torch.export`` programs by name (``"model"`` float64, ``"model_float32"``).
+
+        Read from the ``.pt2`` file, or its companion next to the ``.pt`` file; for an artifact
+        of format version 1 (no ``.pt2``) exported now from the eager rebuild of the network.
+        """
+        if self._programs is None:
+            exported = None if self.path is None else companion_path(self.path)
+            if exported is not None and exported.is_file() and exported != self.path:
+                self._programs, _ = load_exported(str(exported), exported)
+            else:
+                logger.info("the artifact has no .pt2 file; exporting its network with torch.export now")
+                eager = self.eager_module()
+                self._programs = export_energy_programs(eager.double_model, eager.single_model, self.n_beads)
+        return self._programs
+
+    def exported_module(self) -> ExportedEnergy:
+        """The exported programs as a module with the artifact's signature (eager, no TorchScript)."""
+        if self._exported is None:
+            self._exported = ExportedEnergy(self.exported_programs, self.n_beads)
+        return self._exported
 
     @property
     def n_beads(self) -> int:
@@ -552,10 +657,19 @@ class FlowMatchForceField:
         module to the input shapes it has seen, and a module shared between Systems of
         different replica counts falls back to a slow path.
         """
+        if self._module is None:
+            return torch.jit.script(self.eager_module())
         buffer = io.BytesIO()
         torch.jit.save(self._module, buffer)
         buffer.seek(0)
         return torch.jit.load(buffer, map_location="cpu")
+
+    def network_state_dict(self) -> dict:
+        """The float64 network's ``state_dict`` (from the TorchScript module or the exported program)."""
+        if self._module is not None:
+            return self._module.double_model.state_dict()
+        program = self.exported_programs[PROGRAM_NAMES[torch.float64]]
+        return {name[len("net."):]: tensor for name, tensor in program.state_dict.items() if name.startswith("net.")}
 
     def eager_module(self) -> ForceFieldModule:
         """The network as an eager (non-TorchScript) module, rebuilt from the stored config.
@@ -570,16 +684,17 @@ class FlowMatchForceField:
             network = network_from_config(config)
         except ValueError as error:
             raise ArtifactError(f"cannot rebuild an eager model from this artifact: {error}") from error
-        network.load_state_dict(self._module.double_model.state_dict())
+        network.load_state_dict(self.network_state_dict())
         return build_module(network, self.n_beads)
 
     # .......................................................................... systems
     def network_force(
         self,
-        backend: str = "torchforce",
+        backend: Optional[str] = None,
         platform_hint: Optional[str] = None,
         python_module: Optional[nn.Module] = None,
         compile: bool = False,
+        replicas: int = 1,
     ) -> Any:
         """The OpenMM force of the network term (no priors), for any number of copies.
 
@@ -589,6 +704,15 @@ class FlowMatchForceField:
             ``"torchforce"``: ``openmmtorch.TorchForce`` holding the TorchScript module.
             ``"pythonforce"``: ``openmm.PythonForce`` calling ``python_module`` (default the
             TorchScript module, or with ``compile=True`` the ``torch.compile``d eager model).
+            ``"exported"``: ``openmm.PythonForce`` calling the ``torch.export`` program (eager
+            ``.module()``; no TorchScript). ``"pythontorchforce"``: openmm-torch's
+            ``PythonTorchForce`` with the exported program, where openmm-torch has it.
+            ``"native"``: the package's C++ OpenMM kernel for CGNet (Reference and CPU platforms;
+            compiled on first use, checked against the TorchScript module at creation; see
+            docs/native.md) — much faster for one or a few copies.
+            ``None``: :func:`~openmm_flowmatch.compatibility.choose_default_backend`.
+            A backend that runs TorchScript under torch ≥ 2.10 issues a
+            :class:`TorchScriptDeprecationWarning` (see docs/compatibility.md).
         platform_hint
             Name of the OpenMM platform the System will run on; ``"CUDA"`` switches on
             TorchForce's ``useCUDAGraphs``.
@@ -596,42 +720,61 @@ class FlowMatchForceField:
             Module for the PythonForce backend (same signature as :attr:`module`).
         compile
             PythonForce backend only: ``torch.compile`` the eager model.
+        replicas
+            Number of copies the force acts on (the native backend needs it; the others take any).
 
         Notes
         -----
-        Both forces serialize with ``openmm.XmlSerializer``: TorchForce stores the TorchScript
+        All forces serialize with ``openmm.XmlSerializer``: TorchForce stores the TorchScript
         module itself; PythonForce pickles its :class:`TorchComputation` (the module's bytes), so
         deserializing it needs ``openmm_flowmatch`` importable, while a TorchForce System needs
         only OpenMM and openmm-torch.
         """
-        backend = backend.lower()
-        if backend == "torchforce":
-            import openmmtorch
-
-            force = openmmtorch.TorchForce(self.fresh_module())
-            force.setUsesPeriodicBoundaryConditions(False)
-            if platform_hint is not None and platform_hint.upper() == "CUDA":
-                force.setProperty("useCUDAGraphs", "true")
-        elif backend == "pythonforce":
-            import openmm
-
-            if not hasattr(openmm, "PythonForce"):
-                raise ArtifactError(f"openmm {openmm.__version__} has no PythonForce (needs OpenMM >= 8.5); use backend='torchforce'")
-            module = python_module
-            if module is None:
-                module = self.eager_module() if compile else self.fresh_module()
-            force = openmm.PythonForce(TorchComputation(module, compile=compile))
-            force.setUsesPeriodicBoundaryConditions(False)
-        else:
+        backend = self.default_backend() if backend is None else backend.lower()
+        if backend not in BACKENDS:
             raise ArtifactError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        uses_torchscript = backend == "torchforce" or (
+            backend == "pythonforce" and python_module is None and not compile and self.has_torchscript)
+        warn_if_deprecated(backend, uses_torchscript)
+        if backend == "native":
+            from openmm_flowmatch.native import native_network_force
+
+            return native_network_force(self, int(replicas))
+        if backend == "torchforce":
+            force = self._torch_force(platform_hint)
+        elif backend == "pythontorchforce":
+            force_class = python_torch_force_class()
+            if force_class is None:
+                raise ArtifactError("the installed openmm-torch has no PythonTorchForce; use backend='exported'")
+            force = force_class(self.exported_module())
+        else:
+            if backend == "exported":
+                python_module = self.exported_module()
+            elif python_module is None:
+                python_module = self.eager_module() if compile else self.fresh_module()
+            force = _python_force(TorchComputation(python_module, compile=compile))
+        force.setUsesPeriodicBoundaryConditions(False)
         force.setName("FlowMatchNetwork")
+        return force
+
+    def default_backend(self) -> str:
+        """The backend :meth:`create_system` uses when none is named (see docs/compatibility.md)."""
+        has_exported = self._programs is not None or (self.path is not None and companion_path(self.path).is_file())
+        return choose_default_backend(has_torchscript=self.has_torchscript, has_exported=has_exported)
+
+    def _torch_force(self, platform_hint: Optional[str]) -> Any:
+        import openmmtorch
+
+        force = openmmtorch.TorchForce(self.fresh_module())
+        if platform_hint is not None and platform_hint.upper() == "CUDA":
+            force.setProperty("useCUDAGraphs", "true")
         return force
 
     def create_system(
         self,
         cg_topology: Any,
         replicas: Optional[int] = None,
-        backend: str = "torchforce",
+        backend: Optional[str] = None,
         platform_hint: Optional[str] = None,
         *,
         python_module: Optional[nn.Module] = None,
@@ -650,7 +793,10 @@ class FlowMatchForceField:
             divided by the artifact's bead count. All copies go through one batched call of the
             network; the priors are added as standard forces for every copy.
         backend
-            ``"torchforce"`` (default) or ``"pythonforce"``, see :meth:`network_force`.
+            ``"torchforce"``, ``"pythonforce"``, ``"exported"`` or ``"pythontorchforce"``, see
+            :meth:`network_force`; default (``None``) ``"torchforce"`` when openmm-torch is
+            installed and the artifact was read from its ``.pt`` file, else ``"exported"``
+            (:meth:`default_backend`).
         platform_hint
             ``"CUDA"`` switches on CUDA graphs for TorchForce.
         python_module, compile
@@ -683,7 +829,9 @@ class FlowMatchForceField:
             for force in replicate_forces(priors.to_openmm_forces(), n_beads, replicas):
                 force.setForceGroup(0)
                 system.addForce(force)
-        force = self.network_force(backend, platform_hint, python_module=python_module, compile=compile)
+        force = self.network_force(
+            backend, platform_hint, python_module=python_module, compile=compile, replicas=replicas
+        )
         force.setForceGroup(int(network_force_group))
         system.addForce(force)
         return system
