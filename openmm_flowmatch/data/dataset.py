@@ -351,6 +351,10 @@ class CGDataset(torch.utils.data.Dataset):
         ------
         DatasetError
             If files differ in bead count, bead names, temperature or the presence of forces.
+        StorageError
+            If a file is missing, not a CG data file, truncated or corrupt, or holds NaN or
+            infinite positions or forces (see :func:`~openmm_flowmatch.data.storage.read_cg_file`);
+            no dataset is built from the other files.
         """
         files = _as_paths(paths, "*.h5")
         datasets = []
@@ -504,7 +508,9 @@ class CGDataset(torch.utils.data.Dataset):
         Raises
         ------
         DatasetError
-            If no chunk is found, a chunk lacks ``x``, or bead counts differ.
+            If no chunk is found, a chunk lacks ``x``, bead counts differ, or a chunk is truncated,
+            corrupt, holds object arrays (which would need pickle; never loaded) or NaN/infinite
+            values (the message names the chunk).
         """
         directories = [Path(entry) for entry in ([directory] if isinstance(directory, (str, os.PathLike)) else directory)]
         runs: list[Path] = []
@@ -522,11 +528,9 @@ class CGDataset(torch.utils.data.Dataset):
             chunks = sorted(run.glob("chunk_*.npz"))[:max_chunks]
             positions, forces = [], []
             for chunk in chunks:
-                with np.load(chunk) as data:
-                    if "x" not in data.files:
-                        raise DatasetError(f"{str(chunk)!r} has no array 'x' (positions); found {data.files}")
-                    positions.append(np.asarray(data["x"], dtype=np.float32))
-                    forces.append(np.asarray(data["f"], dtype=np.float32) if "f" in data.files else None)
+                chunk_positions, chunk_forces = _read_npz_chunk(chunk)
+                positions.append(chunk_positions)
+                forces.append(chunk_forces)
             if any(force is None for force in forces) and not all(force is None for force in forces):
                 raise DatasetError(f"some chunks in {str(run)!r} have forces 'f' and some do not")
             stacked = np.concatenate(positions)
@@ -541,6 +545,59 @@ class CGDataset(torch.utils.data.Dataset):
             {"source": "npz_chunks", "runs": [run.name for run in runs], "frame_interval_ps": float(frame_interval_ps)}
         )
         return result
+
+
+NPZ_REMEDY = "regenerate or re-download the chunk, or move it out of the directory"
+"""What the message of a refused ``chunk_*.npz`` file tells the user to do."""
+
+
+def _read_npz_chunk(chunk: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Positions ``x`` and forces ``f`` (or ``None``) of one chunk, read without pickle and checked.
+
+    Raises
+    ------
+    DatasetError
+        One line naming the chunk: unreadable (truncated, corrupt, object arrays that would need
+        pickle), no ``x``, wrong shapes, or NaN/infinite values.
+    """
+    try:
+        with np.load(chunk, allow_pickle=False) as data:
+            if "x" not in data.files:
+                raise DatasetError(f"{str(chunk)!r} has no array 'x' (positions); found {data.files}")
+            positions = np.asarray(data["x"], dtype=np.float32)
+            forces = np.asarray(data["f"], dtype=np.float32) if "f" in data.files else None
+    except DatasetError:
+        raise
+    except ValueError as error:
+        if "allow_pickle" in str(error):
+            raise DatasetError(
+                f"{str(chunk)!r} holds object arrays, which are pickled and can run code when loaded, so it was not "
+                f"read; {NPZ_REMEDY}"
+            ) from None
+        raise DatasetError(f"cannot read {str(chunk)!r}: it is truncated or corrupt ({_short(error)}); {NPZ_REMEDY}") from None
+    except Exception as error:  # noqa: BLE001 - zipfile/zlib/OSError/EOFError for damaged archives
+        raise DatasetError(f"cannot read {str(chunk)!r}: it is truncated or corrupt ({_short(error)}); {NPZ_REMEDY}") from None
+    _check_chunk_arrays(chunk, positions, forces)
+    return positions, forces
+
+
+def _check_chunk_arrays(chunk: Path, positions: np.ndarray, forces: np.ndarray | None) -> None:
+    """Shapes ``(frames, beads, 3)`` that agree, and finite values."""
+    if positions.ndim != 3 or positions.shape[-1] != 3:
+        raise DatasetError(f"{str(chunk)!r}: 'x' has shape {positions.shape}, not (frames, beads, 3); {NPZ_REMEDY}")
+    if forces is not None and forces.shape != positions.shape:
+        raise DatasetError(f"{str(chunk)!r}: 'f' has shape {forces.shape} but 'x' {positions.shape}; {NPZ_REMEDY}")
+    for name, values in (("positions 'x'", positions), ("forces 'f'", forces)):
+        if values is not None and not np.isfinite(values).all():
+            frame = int(np.argwhere(~np.isfinite(values))[0][0])
+            raise DatasetError(
+                f"{str(chunk)!r}: {name} hold NaN or infinite values (first in frame {frame} of the chunk); {NPZ_REMEDY}"
+            )
+
+
+def _short(error: BaseException) -> str:
+    """The first 200 characters of an error message, on one line."""
+    return " ".join(str(error).split())[:200] or type(error).__name__
 
 
 def _resolve_mapping(mapping: Any, topology, mapping_class):

@@ -54,6 +54,9 @@ FORMAT_VERSION = 1
 
 _TARGET_CHUNK_BYTES = 256 * 1024
 
+REGENERATE = "regenerate the file (e.g. re-run openmm-flowmatch generate or teacher) or leave it out of the input"
+"""What the message of a refused (truncated, corrupt, non-finite) data file tells the user to do."""
+
 
 class StorageError(ValueError):
     """A CG data file cannot be created, read or appended to; the message names the file."""
@@ -81,6 +84,22 @@ def _as_frames(values: Any, name: str, path: Path) -> np.ndarray:
             f"{name} for {str(path)!r} must have shape (frames, beads, 3) or (beads, 3), got {array.shape}"
         )
     return array
+
+
+def _short(error: BaseException) -> str:
+    """The first 200 characters of an error message, on one line."""
+    return " ".join(str(error).split())[:200] or type(error).__name__
+
+
+def _check_finite(values: np.ndarray, name: str, path: Path, start: int, stride: int) -> None:
+    """Refuse NaN or infinite values read from a file, naming the file, dataset and first frame."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        frame = start + stride * int(np.argwhere(bad)[0][0])
+        raise StorageError(
+            f"{str(path)!r}: {name} hold NaN or infinite values (in {int(bad.any(axis=(1, 2)).sum())} of "
+            f"{values.shape[0]} frames read, the first at frame {frame}); {REGENERATE}"
+        )
 
 
 def _chunk_frames(n_beads: int) -> int:
@@ -190,8 +209,9 @@ class CGTrajectoryFile:
             self._file = h5py.File(self.path, "w" if creating else mode)
         except OSError as error:
             raise StorageError(
-                f"cannot open {str(self.path)!r} as a CG data file (HDF5) in mode {mode!r}: {error}"
-            ) from error
+                f"cannot open {str(self.path)!r} as a CG data file (HDF5) in mode {mode!r}: it is truncated, "
+                f"corrupt or not HDF5 ({_short(error)}); {REGENERATE}"
+            ) from None
         if creating:
             self._file.attrs["format"] = FORMAT_NAME
             self._file.attrs["format_version"] = FORMAT_VERSION
@@ -282,16 +302,21 @@ class CGTrajectoryFile:
 
     def _create_datasets(self, n_beads: int, with_forces: bool) -> None:
         chunks = (_chunk_frames(n_beads), n_beads, 3)
+        # fletcher32: every chunk carries a checksum, so a bit flipped on disk is refused on read
         self._file.create_dataset(
-            "positions", shape=(0, n_beads, 3), maxshape=(None, n_beads, 3), dtype="float32", chunks=chunks
+            "positions", shape=(0, n_beads, 3), maxshape=(None, n_beads, 3), dtype="float32", chunks=chunks,
+            fletcher32=True,
         )
         self._file["positions"].attrs["units"] = "nm"
         if with_forces:
             self._file.create_dataset(
-                "forces", shape=(0, n_beads, 3), maxshape=(None, n_beads, 3), dtype="float32", chunks=chunks
+                "forces", shape=(0, n_beads, 3), maxshape=(None, n_beads, 3), dtype="float32", chunks=chunks,
+                fletcher32=True,
             )
             self._file["forces"].attrs["units"] = "kJ/mol/nm"
-        self._file.create_dataset("time", shape=(0,), maxshape=(None,), dtype="float64", chunks=(chunks[0],))
+        self._file.create_dataset(
+            "time", shape=(0,), maxshape=(None,), dtype="float64", chunks=(chunks[0],), fletcher32=True
+        )
         self._file["time"].attrs["units"] = "ps"
 
     def append(self, positions: Any, forces: Any = None, time: Any = None) -> int:
@@ -395,17 +420,54 @@ class CGTrajectoryFile:
         dict
             ``positions`` (frames, beads, 3) float32 nm, ``forces`` (same, kJ/mol/nm) or
             ``None``, ``time`` (frames,) float64 ps, ``metadata`` dict.
+
+        Raises
+        ------
+        StorageError
+            If the datasets disagree in shape, a chunk cannot be read (truncated file, failed
+            checksum) or positions or forces hold NaN or infinite values; nothing is returned
+            half-read.
         """
         selection = slice(start, stop, stride)
         if "positions" not in self._file:
             empty = np.zeros((0, 0, 3), dtype=np.float32)
             return {"positions": empty, "forces": None, "time": np.zeros(0), "metadata": self.metadata}
-        return {
-            "positions": np.asarray(self._file["positions"][selection], dtype=np.float32),
-            "forces": np.asarray(self._file["forces"][selection], dtype=np.float32) if self.has_forces else None,
-            "time": np.asarray(self._file["time"][selection], dtype=np.float64),
-            "metadata": self.metadata,
-        }
+        self._check_layout()
+        try:
+            data = {
+                "positions": np.asarray(self._file["positions"][selection], dtype=np.float32),
+                "forces": np.asarray(self._file["forces"][selection], dtype=np.float32) if self.has_forces else None,
+                "time": self._read_time(selection),
+            }
+        except (OSError, KeyError, ValueError, RuntimeError) as error:  # h5py: truncated data, bad checksum
+            raise StorageError(
+                f"cannot read the frames of {str(self.path)!r}: the file is corrupt (a data chunk is damaged or fails "
+                f"its checksum: {_short(error)}); {REGENERATE}"
+            ) from None
+        first = selection.indices(self.n_frames)[0]
+        for name in ("positions", "forces"):
+            if data[name] is not None:
+                _check_finite(data[name], name, self.path, first, stride)
+        return data | {"metadata": self.metadata}
+
+    def _check_layout(self) -> None:
+        """Refuse a file whose datasets disagree in frame count or shape (e.g. an interrupted hand-made write)."""
+        positions = self._file["positions"]
+        expected = {"positions": positions.shape, "forces": positions.shape, "time": positions.shape[:1]}
+        if len(positions.shape) != 3 or positions.shape[-1] != 3:
+            raise StorageError(f"{str(self.path)!r}: positions have shape {positions.shape}, not (frames, beads, 3); {REGENERATE}")
+        for name in ("forces", "time"):
+            if name in self._file and self._file[name].shape != expected[name]:
+                raise StorageError(
+                    f"{str(self.path)!r}: {name} have shape {self._file[name].shape} but positions {positions.shape}; "
+                    f"{REGENERATE}"
+                )
+
+    def _read_time(self, selection: slice) -> np.ndarray:
+        """Times in ps; the frame indices for a plain HDF5 file without a ``time`` dataset."""
+        if "time" in self._file:
+            return np.asarray(self._file["time"][selection], dtype=np.float64)
+        return np.arange(self.n_frames, dtype=np.float64)[selection]
 
     def __len__(self) -> int:
         return self.n_frames
@@ -488,7 +550,8 @@ def read_cg_file(path: str | os.PathLike, start: int = 0, stop: int | None = Non
     Raises
     ------
     StorageError
-        If the file is missing or not a CG data file.
+        If the file is missing, not a CG data file, truncated or corrupt, or holds NaN or
+        infinite positions or forces (the message names the file and what to do).
     """
     with CGTrajectoryFile(path, "r") as file:
         return file.read(start, stop, stride)

@@ -343,41 +343,48 @@ class CGFlow(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
-        """Write the configuration and weights to ``path`` (``torch.save``)."""
-        path = Path(path)
-        torch.save(
-            {
-                "format_version": _FORMAT_VERSION,
-                "kind": "openmm_flowmatch.CGFlow",
-                "config": dataclasses.asdict(self.config),
-                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
-            },
-            path,
-        )
-        return path
+        """Write the configuration and weights to ``path`` (``torch.save``, atomically).
+
+        The file holds plain content only (tensors, dicts, numbers, strings) and its SHA-256
+        checksum, so :meth:`load` reads it without unpickling code and refuses a corrupt copy.
+        """
+        from ..safe_files import save_plain
+
+        content = {
+            "format_version": _FORMAT_VERSION,
+            "kind": "openmm_flowmatch.CGFlow",
+            "config": dataclasses.asdict(self.config),
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+        }
+        return save_plain(content, path, FlowFileError)
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "CGFlow":
-        """Read a flow written by :meth:`save`.
+        """Read a flow written by :meth:`save` (``torch.load(weights_only=True)``: nothing is executed).
 
         Raises
         ------
         FlowFileError
-            If the file is missing or is not a saved ``CGFlow``.
+            If the file is missing, truncated or corrupt (checksum mismatch), holds pickled
+            objects, or is not a saved ``CGFlow``.
         """
+        from ..safe_files import load_plain
+
         path = Path(path)
         if not path.exists():
             raise FlowFileError(f"flow file {path} does not exist; train one with train_flow first")
-        try:
-            payload = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as error:  # torch raises many kinds here
-            raise FlowFileError(f"could not read flow file {path}: {error}") from error
-        if not isinstance(payload, dict) or payload.get("kind") != "openmm_flowmatch.CGFlow":
+        remedy = "re-run train-flow to regenerate it"
+        payload = load_plain(path, what="flow file", remedy=remedy, error=FlowFileError, map_location=map_location)
+        if payload.get("kind") != "openmm_flowmatch.CGFlow":
             raise FlowFileError(f"{path} is not a CGFlow file written by CGFlow.save")
-        flow = cls(FlowConfig(**payload["config"]))
-        state = payload["state_dict"]
-        flow.to(state["center"].dtype)
-        flow.load_state_dict(state)
+        try:
+            flow = cls(FlowConfig(**payload["config"]))
+            state = payload["state_dict"]
+            flow.to(state["center"].dtype)
+            flow.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+            reason = " ".join(str(error).split())[:160]
+            raise FlowFileError(f"{path}: the flow file is inconsistent ({reason}); {remedy}") from None
         return flow
 
     def _check_input(self, x: Tensor) -> None:

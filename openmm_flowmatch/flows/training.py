@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..safe_files import load_plain, save_plain
 from .model import CGFlow, FlowConfig
 
 __all__ = ["train_flow", "negative_log_likelihood", "FlowTrainingError"]
@@ -284,9 +285,15 @@ def train_flow(
     return flow
 
 
+CHECKPOINT_KIND = "openmm_flowmatch.train_flow checkpoint"
+CHECKPOINT_REMEDY = "delete it or pass resume=False to start the training afresh"
+"""What a refused flow checkpoint's message tells the user to do."""
+
+
 def _save_checkpoint(path: Path, flow, optimizer, scheduler, shuffle: torch.Generator, state: dict) -> None:
+    """Write a checkpoint atomically: plain content plus its SHA-256 checksum (no pickled objects)."""
     payload = {
-        "kind": "openmm_flowmatch.train_flow checkpoint",
+        "kind": CHECKPOINT_KIND,
         "config": dataclasses.asdict(flow.config),
         "model": {k: v.detach().cpu() for k, v in flow.state_dict().items()},
         "optimizer": optimizer.state_dict(),
@@ -294,20 +301,29 @@ def _save_checkpoint(path: Path, flow, optimizer, scheduler, shuffle: torch.Gene
         "shuffle": shuffle.get_state(),
         "state": state,
     }
-    temporary = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
+    save_plain(payload, path, FlowTrainingError)
 
 
 def _load_checkpoint(path: Path, flow, optimizer, scheduler, shuffle: torch.Generator, device) -> dict:
-    try:
-        payload = torch.load(path, map_location=device, weights_only=False)
-    except Exception as error:
-        raise FlowTrainingError(f"could not read checkpoint {path}: {error}; delete it or pass resume=False") from error
-    if not isinstance(payload, dict) or payload.get("kind") != "openmm_flowmatch.train_flow checkpoint":
+    """Restore flow, optimiser, schedule and shuffling from a checkpoint; return the loop state.
+
+    The file is read with ``torch.load(weights_only=True)`` and its checksum verified.
+
+    Raises
+    ------
+    FlowTrainingError
+        One line naming the file, for a truncated, corrupt, pickled or foreign file, or a
+        checkpoint of another architecture.
+    """
+    payload = load_plain(path, what="flow training checkpoint", remedy=CHECKPOINT_REMEDY,
+                         error=FlowTrainingError, map_location=device)
+    if payload.get("kind") != CHECKPOINT_KIND:
         raise FlowTrainingError(f"{path} is not a train_flow checkpoint; delete it or pass resume=False")
-    if FlowConfig(**payload["config"]) != flow.config:
+    try:
+        config = FlowConfig(**payload["config"])
+    except (KeyError, TypeError) as error:
+        raise FlowTrainingError(f"{path}: the flow training checkpoint is inconsistent ({error}); {CHECKPOINT_REMEDY}") from None
+    if config != flow.config:
         raise FlowTrainingError(
             f"checkpoint {path} was written for a different flow ({payload['config']}); "
             "delete it, pass resume=False, or use the same architecture"

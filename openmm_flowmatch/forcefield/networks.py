@@ -478,48 +478,70 @@ def network_from_config(config: dict[str, Any]) -> nn.Module:
     raise FeatureError(f"unknown network class {name!r} in the network config (expected CGNet or MessagePassingNet)")
 
 
+NETWORK_FILE_REMEDY = "re-run train-ff to regenerate it"
+"""What a refused network file's message tells the user to do."""
+
+
 def save_network(model: nn.Module, path: str | Path) -> Path:
-    """Save a trained CG network (config, weights, training info) to ``path`` (``torch.save``).
+    """Save a trained CG network (config, weights, training info) to ``path``.
+
+    The file (``torch.save``, written atomically) holds plain content only — tensors, dicts, lists,
+    numbers, strings — and its SHA-256 checksum, so :func:`load_network` reads it without unpickling
+    code and refuses a corrupt copy.
 
     Raises
     ------
     NetworkFileError
-        If the model has no ``config()`` (it is not a network of this package).
+        If the model has no ``config()`` (it is not a network of this package), or its config or
+        ``training_info`` holds an object that cannot be stored without pickle.
     """
     if not hasattr(model, "config"):
         raise NetworkFileError(f"{type(model).__name__} has no config(); only networks of openmm_flowmatch can be saved")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "kind": NETWORK_FILE_KIND,
-            "config": model.config(),
-            "state_dict": model.state_dict(),
-            "training_info": getattr(model, "training_info", None),
-        },
-        path,
-    )
-    return path
+    content = {
+        "kind": NETWORK_FILE_KIND,
+        "config": model.config(),
+        "state_dict": model.state_dict(),
+        "training_info": getattr(model, "training_info", None),
+    }
+    from ..safe_files import save_plain
+
+    return save_plain(content, path, NetworkFileError)
 
 
-def load_network(path: str | Path) -> nn.Module:
+def load_network(path: str | Path, trust_pickle: bool = False) -> nn.Module:
     """Read a network written by :func:`save_network` (in eval mode, ``training_info`` restored).
+
+    The file is read with ``torch.load(weights_only=True)``: nothing in it is executed.
+
+    Parameters
+    ----------
+    path
+        The network file.
+    trust_pickle
+        Also read a file whose content needs unrestricted pickle (an older file with, e.g., NumPy
+        scalars in its training info). Loading such a file can run code: pass ``True`` only for a
+        file you wrote yourself. Default ``False``: such a file is refused.
 
     Raises
     ------
     NetworkFileError
-        If the file is missing, unreadable or not a network file.
+        If the file is missing, truncated or corrupt (checksum mismatch), holds pickled objects
+        (and ``trust_pickle`` is false), or is not a network file.
     """
+    from ..safe_files import load_plain
+
     path = Path(path)
-    if not path.exists():
-        raise NetworkFileError(f"{path}: no such network file")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for unreadable files
-        raise NetworkFileError(f"{path}: not a network file written by openmm-flowmatch train-ff ({error})") from error
-    if not isinstance(content, dict) or content.get("kind") != NETWORK_FILE_KIND:
+    content = load_plain(
+        path, what="network file", remedy=NETWORK_FILE_REMEDY, error=NetworkFileError, trust_pickle=trust_pickle,
+        pickle_hint=" (or, only for a file you wrote yourself, pass trust_pickle=True)",
+    )
+    if content.get("kind") != NETWORK_FILE_KIND:
         raise NetworkFileError(f"{path}: not a network file written by openmm-flowmatch train-ff")
-    model = network_from_config(content["config"])
-    model.load_state_dict(content["state_dict"])
+    try:
+        model = network_from_config(content["config"])
+        model.load_state_dict(content["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        reason = " ".join(str(error).split())[:160]
+        raise NetworkFileError(f"{path}: the network file is inconsistent ({reason}); {NETWORK_FILE_REMEDY}") from None
     model.training_info = content.get("training_info") or {}
     return model.eval()
