@@ -49,7 +49,11 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["openmm_flowmatch", "openmm_flowmatch.*"]),
-    package_data={"openmm_flowmatch": ["resources/*.pdb", "resources/*.md"]},
+    package_data={
+        "openmm_flowmatch": ["resources/*.pdb", "resources/*.md"],
+        # C++ sources of the native CGNet kernel, compiled on first use (openmm_flowmatch.native)
+        "openmm_flowmatch.native": ["src/*.cpp", "src/*.h"],
+    },
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["openmm-flowmatch = openmm_flowmatch.cli:main"]},

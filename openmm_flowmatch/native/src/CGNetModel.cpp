@@ -1,0 +1,483 @@
+#include "CGNetModel.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+
+namespace OpenMMFlowMatch {
+
+namespace {
+
+// Four doubles (one AVX register; two SSE2 registers when compiled without AVX). GCC/Clang
+// vector extension: element-wise arithmetic, a scalar operand is broadcast.
+typedef double v4d __attribute__((vector_size(32)));
+
+const int LANES = 8;     // padded vector lengths are multiples of this (two v4d)
+const int ALIGNMENT = 64;
+
+int padded(int n) {
+    return ((n + LANES - 1) / LANES) * LANES;
+}
+
+double* alignedZeros(size_t count) {
+    void* memory = nullptr;
+    size_t bytes = ((count * sizeof(double) + ALIGNMENT - 1) / ALIGNMENT) * ALIGNMENT;
+    if (bytes == 0)
+        bytes = ALIGNMENT;
+    if (posix_memalign(&memory, ALIGNMENT, bytes) != 0)
+        throw std::bad_alloc();
+    std::memset(memory, 0, bytes);
+    return static_cast<double*>(memory);
+}
+
+inline v4d load(const double* p) {
+    return *reinterpret_cast<const v4d*>(p);
+}
+inline void store(double* p, v4d value) {
+    *reinterpret_cast<v4d*>(p) = value;
+}
+
+/*
+ * Y[b][0:cols] = init[b][0:cols] + sum_{r < rows} X[b][r] * M[r][0:cols] for the NB (1..4) copies b.
+ * M is rows x cols, row-major, cols a multiple of 8, 32-byte aligned rows. init may be null (0);
+ * initStride 0 broadcasts one init row (a bias) to every b. Register-blocked: NB copies x 8
+ * outputs = 2 NB vector accumulators, each weight vector loaded once for all copies. Every output
+ * is summed over r in order (no reassociation needed for vectorisation).
+ */
+template <int NB>
+void blockMatVecN(int rows, int cols, const double* __restrict M, const double* __restrict X, int ldx,
+                  const double* init, int initStride, double* Y, int ldy) {
+    for (int c = 0; c < cols; c += LANES) {
+        v4d low[NB], high[NB];
+        for (int b = 0; b < NB; b++) {
+            if (init != nullptr) {
+                low[b] = load(init + b * initStride + c);
+                high[b] = load(init + b * initStride + c + 4);
+            }
+            else
+                low[b] = high[b] = v4d{0.0, 0.0, 0.0, 0.0};
+        }
+        const double* column = M + c;
+        for (int r = 0; r < rows; r++) {
+            const v4d w0 = load(column + (size_t) r * cols);
+            const v4d w1 = load(column + (size_t) r * cols + 4);
+            for (int b = 0; b < NB; b++) {
+                const double x = X[b * ldx + r];
+                low[b] += x * w0;
+                high[b] += x * w1;
+            }
+        }
+        for (int b = 0; b < NB; b++) {
+            store(Y + b * ldy + c, low[b]);
+            store(Y + b * ldy + c + 4, high[b]);
+        }
+    }
+}
+
+void blockMatVec(int count, int rows, int cols, const double* M, const double* X, int ldx, const double* init,
+                 int initStride, double* Y, int ldy) {
+    static_assert(CGNetModel::BLOCK == 4, "blockMatVec dispatches blocks of up to 4 copies");
+    switch (count) {
+        case 1: blockMatVecN<1>(rows, cols, M, X, ldx, init, initStride, Y, ldy); break;
+        case 2: blockMatVecN<2>(rows, cols, M, X, ldx, init, initStride, Y, ldy); break;
+        case 3: blockMatVecN<3>(rows, cols, M, X, ldx, init, initStride, Y, ldy); break;
+        default: blockMatVecN<4>(rows, cols, M, X, ldx, init, initStride, Y, ldy); break;
+    }
+}
+
+inline void sub(const double* a, const double* b, double* out) {
+    out[0] = a[0] - b[0];
+    out[1] = a[1] - b[1];
+    out[2] = a[2] - b[2];
+}
+inline double dot(const double* a, const double* b) {
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2];
+}
+inline void cross(const double* a, const double* b, double* out) {
+    out[0] = a[1] * b[2] - a[2] * b[1];
+    out[1] = a[2] * b[0] - a[0] * b[2];
+    out[2] = a[0] * b[1] - a[1] * b[0];
+}
+inline void axpy(double s, const double* v, double* out) {
+    out[0] += s * v[0];
+    out[1] += s * v[1];
+    out[2] += s * v[2];
+}
+
+// Constants of openmm_flowmatch.forcefield.features.InvariantFeatures.raw
+const double ANGLE_EPSILON = 1e-20;     // sqrt(|u x v|^2 + 1e-20)
+const double DIHEDRAL_EPSILON = 1e-30;  // sqrt(x^2 + y^2 + 1e-30)
+const double SOFTPLUS_THRESHOLD = 20.0; // torch.nn.Softplus default (beta = 1)
+
+}  // namespace
+
+Activation activationFromName(const std::string& name) {
+    std::string lower;
+    for (char c : name)
+        lower += (char) std::tolower((unsigned char) c);
+    if (lower == "tanh")
+        return Activation::Tanh;
+    if (lower == "silu")
+        return Activation::SiLU;
+    if (lower == "softplus")
+        return Activation::Softplus;
+    throw std::invalid_argument("CGNetForce: unsupported activation '" + name + "' (supported: tanh, silu, softplus)");
+}
+
+std::string activationName(Activation activation) {
+    switch (activation) {
+        case Activation::Tanh: return "tanh";
+        case Activation::SiLU: return "silu";
+        case Activation::Softplus: return "softplus";
+    }
+    return "unknown";
+}
+
+void CGNetParameters::validate() const {
+    auto fail = [](const std::string& message) { throw std::invalid_argument("CGNetForce: " + message); };
+    if (numBeads < 2)
+        fail("needs at least 2 beads");
+    if (bondIndex.size() % 2 || angleIndex.size() % 3 || dihedralIndex.size() % 4 || pairIndex.size() % 2)
+        fail("feature index tables have the wrong length");
+    for (const std::vector<int>* table : {&bondIndex, &angleIndex, &dihedralIndex, &pairIndex})
+        for (int index : *table)
+            if (index < 0 || index >= numBeads)
+                fail("feature index out of range");
+    int features = numFeatures();
+    if (features == 0)
+        fail("the network has no features");
+    if ((int) mean.size() != features || (int) stddev.size() != features)
+        fail("mean/std need one entry per feature");
+    for (double s : stddev)
+        if (!(s > 0))
+            fail("feature standard deviations must be positive");
+    if (layers.size() < 2)
+        fail("needs an input and an output layer");
+    int width = layers[0].rows;
+    for (size_t l = 0; l < layers.size(); l++) {
+        const LinearLayer& layer = layers[l];
+        bool last = (l + 1 == layers.size());
+        int expectedRows = last ? 1 : width;
+        int expectedCols = l == 0 ? features : width;
+        if (layer.rows != expectedRows || layer.cols != expectedCols) {
+            std::ostringstream message;
+            message << "layer " << l << " is " << layer.rows << " x " << layer.cols << ", expected " << expectedRows
+                    << " x " << expectedCols;
+            fail(message.str());
+        }
+        if ((int) layer.weight.size() != layer.rows * layer.cols || (int) layer.bias.size() != layer.rows)
+            fail("layer weight/bias sizes do not match their shape");
+    }
+}
+
+CGNetModel::Workspace::~Workspace() {
+    for (double* p : memory)
+        std::free(p);
+}
+
+double* CGNetModel::Workspace::allocate(size_t n) {
+    memory.push_back(alignedZeros(n));
+    return memory.back();
+}
+
+CGNetModel::CGNetModel(const CGNetParameters& p) : parameters(p) {
+    parameters.validate();
+    numFeatures = parameters.numFeatures();
+    numHidden = (int) parameters.layers.size() - 1;
+    int width = parameters.layers[0].rows;
+    paddedFeatures = padded(numFeatures);
+    paddedWidth = padded(width);
+    for (int l = 0; l < numHidden; l++) {
+        const LinearLayer& layer = parameters.layers[l];
+        int in = layer.cols, out = layer.rows;
+        int paddedIn = l == 0 ? paddedFeatures : paddedWidth;
+        double* forward = alignedZeros((size_t) paddedIn * paddedWidth);   // in x out
+        double* backward = alignedZeros((size_t) paddedWidth * paddedIn);  // out x in
+        double* b = alignedZeros(paddedWidth);
+        for (int i = 0; i < out; i++) {
+            b[i] = layer.bias[i];
+            for (int j = 0; j < in; j++) {
+                double w = layer.weight[(size_t) i * in + j];
+                forward[(size_t) j * paddedWidth + i] = w;
+                backward[(size_t) i * paddedIn + j] = w;
+            }
+        }
+        allocations.push_back(forward);
+        allocations.push_back(backward);
+        allocations.push_back(b);
+        forwardMatrix.push_back(forward);
+        backwardMatrix.push_back(backward);
+        bias.push_back(b);
+        inputDim.push_back(in);
+    }
+    const LinearLayer& output = parameters.layers.back();
+    outputWeight.assign(paddedWidth, 0.0);
+    for (int i = 0; i < output.cols; i++)
+        outputWeight[i] = output.weight[i];
+    outputBias = output.bias[0];
+}
+
+CGNetModel::~CGNetModel() {
+    for (double* p : allocations)
+        std::free(p);
+}
+
+std::unique_ptr<CGNetModel::Workspace> CGNetModel::createWorkspace() const {
+    return std::unique_ptr<Workspace>(new Workspace());
+}
+
+void CGNetModel::reserve(Workspace& w, int count) const {
+    if (count <= w.capacity)
+        return;
+    for (double* p : w.memory)
+        std::free(p);
+    w.memory.clear();
+    w.derivative.clear();
+    size_t copies = (size_t) ((count + BLOCK - 1) / BLOCK) * BLOCK;
+    w.features = w.allocate(copies * paddedFeatures);
+    w.gradFeatures = w.allocate(copies * paddedFeatures);
+    w.hidden = w.allocate(copies * paddedWidth);
+    w.preact = w.allocate(copies * paddedWidth);
+    w.grad = w.allocate(copies * paddedWidth);
+    w.gradPre = w.allocate(copies * paddedWidth);
+    for (int l = 0; l < numHidden; l++)
+        w.derivative.push_back(w.allocate(copies * paddedWidth));
+    w.capacity = (int) copies;
+}
+
+void CGNetModel::rawFeatures(const double* x, double* f) const {
+    const CGNetParameters& p = parameters;
+    int k = 0;
+    for (size_t n = 0; n < p.bondIndex.size(); n += 2) {
+        double v[3];
+        sub(x + 3 * p.bondIndex[n + 1], x + 3 * p.bondIndex[n], v);
+        f[k++] = std::sqrt(dot(v, v));
+    }
+    for (size_t n = 0; n < p.angleIndex.size(); n += 3) {
+        const double* xa = x + 3 * p.angleIndex[n];
+        const double* xb = x + 3 * p.angleIndex[n + 1];
+        const double* xc = x + 3 * p.angleIndex[n + 2];
+        double u[3], v[3], c[3];
+        sub(xa, xb, u);
+        sub(xc, xb, v);
+        cross(u, v, c);
+        f[k++] = std::atan2(std::sqrt(dot(c, c) + ANGLE_EPSILON), dot(u, v));
+    }
+    for (size_t n = 0; n < p.dihedralIndex.size(); n += 4) {
+        const double* xa = x + 3 * p.dihedralIndex[n];
+        const double* xb = x + 3 * p.dihedralIndex[n + 1];
+        const double* xc = x + 3 * p.dihedralIndex[n + 2];
+        const double* xd = x + 3 * p.dihedralIndex[n + 3];
+        double b1[3], b2[3], b3[3], n1[3], n2[3];
+        sub(xb, xa, b1);
+        sub(xc, xb, b2);
+        sub(xd, xc, b3);
+        cross(b1, b2, n1);
+        cross(b2, b3, n2);
+        double cx = dot(n1, n2);
+        double cy = std::sqrt(dot(b2, b2)) * dot(b1, n2);
+        double r = std::sqrt(cx * cx + cy * cy + DIHEDRAL_EPSILON);
+        f[k++] = cx / r;
+        f[k++] = cy / r;
+    }
+    for (size_t n = 0; n < p.pairIndex.size(); n += 2) {
+        double v[3];
+        sub(x + 3 * p.pairIndex[n + 1], x + 3 * p.pairIndex[n], v);
+        f[k++] = std::sqrt(dot(v, v));
+    }
+}
+
+void CGNetModel::featureBackward(const double* x, const double* g, double* gx) const {
+    const CGNetParameters& p = parameters;
+    std::memset(gx, 0, sizeof(double) * 3 * p.numBeads);
+    int k = 0;
+    for (size_t n = 0; n < p.bondIndex.size(); n += 2, k++) {
+        int i = p.bondIndex[n], j = p.bondIndex[n + 1];
+        double v[3];
+        sub(x + 3 * j, x + 3 * i, v);
+        double d = std::sqrt(dot(v, v));
+        double s = d > 0 ? g[k] / d : 0.0;
+        axpy(s, v, gx + 3 * j);
+        axpy(-s, v, gx + 3 * i);
+    }
+    for (size_t n = 0; n < p.angleIndex.size(); n += 3, k++) {
+        int a = p.angleIndex[n], b = p.angleIndex[n + 1], c = p.angleIndex[n + 2];
+        double u[3], v[3], cr[3], vc[3], cu[3];
+        sub(x + 3 * a, x + 3 * b, u);
+        sub(x + 3 * c, x + 3 * b, v);
+        cross(u, v, cr);
+        double s = std::sqrt(dot(cr, cr) + ANGLE_EPSILON);
+        double kk = dot(u, v);
+        double denominator = s * s + kk * kk;
+        double dS = g[k] * kk / denominator / s;  // d theta/d s, divided by s (ds = cr.dcr / s)
+        double dK = -g[k] * s / denominator;      // d theta/d k
+        cross(v, cr, vc);
+        cross(cr, u, cu);
+        double gu[3] = {dS * vc[0] + dK * v[0], dS * vc[1] + dK * v[1], dS * vc[2] + dK * v[2]};
+        double gv[3] = {dS * cu[0] + dK * u[0], dS * cu[1] + dK * u[1], dS * cu[2] + dK * u[2]};
+        axpy(1.0, gu, gx + 3 * a);
+        axpy(1.0, gv, gx + 3 * c);
+        axpy(-1.0, gu, gx + 3 * b);
+        axpy(-1.0, gv, gx + 3 * b);
+    }
+    for (size_t n = 0; n < p.dihedralIndex.size(); n += 4, k += 2) {
+        int a = p.dihedralIndex[n], b = p.dihedralIndex[n + 1], c = p.dihedralIndex[n + 2], d = p.dihedralIndex[n + 3];
+        double b1[3], b2[3], b3[3], n1[3], n2[3];
+        sub(x + 3 * b, x + 3 * a, b1);
+        sub(x + 3 * c, x + 3 * b, b2);
+        sub(x + 3 * d, x + 3 * c, b3);
+        cross(b1, b2, n1);
+        cross(b2, b3, n2);
+        double cx = dot(n1, n2);
+        double length = std::sqrt(dot(b2, b2));
+        double m = dot(b1, n2);
+        double cy = length * m;
+        double r = std::sqrt(cx * cx + cy * cy + DIHEDRAL_EPSILON);
+        double r3 = r * r * r;
+        double gc = g[k], gs = g[k + 1];
+        double gX = gc * (1.0 / r - cx * cx / r3) - gs * cx * cy / r3;
+        double gY = -gc * cx * cy / r3 + gs * (1.0 / r - cy * cy / r3);
+        // dx/db1 = b2 x n2, dx/db2 = n2 x b1 + b3 x n1, dx/db3 = n1 x b2
+        // dy/db1 = L n2,    dy/db2 = m b2 / L + L (b3 x b1), dy/db3 = L n1
+        double t[3], g1[3] = {0, 0, 0}, g2[3] = {0, 0, 0}, g3[3] = {0, 0, 0};
+        cross(b2, n2, t);
+        axpy(gX, t, g1);
+        axpy(gY * length, n2, g1);
+        cross(n2, b1, t);
+        axpy(gX, t, g2);
+        cross(b3, n1, t);
+        axpy(gX, t, g2);
+        if (length > 0)
+            axpy(gY * m / length, b2, g2);
+        cross(b3, b1, t);
+        axpy(gY * length, t, g2);
+        cross(n1, b2, t);
+        axpy(gX, t, g3);
+        axpy(gY * length, n1, g3);
+        axpy(-1.0, g1, gx + 3 * a);
+        axpy(1.0, g1, gx + 3 * b);
+        axpy(-1.0, g2, gx + 3 * b);
+        axpy(1.0, g2, gx + 3 * c);
+        axpy(-1.0, g3, gx + 3 * c);
+        axpy(1.0, g3, gx + 3 * d);
+    }
+    for (size_t n = 0; n < p.pairIndex.size(); n += 2, k++) {
+        int i = p.pairIndex[n], j = p.pairIndex[n + 1];
+        double v[3];
+        sub(x + 3 * j, x + 3 * i, v);
+        double dd = std::sqrt(dot(v, v));
+        double s = dd > 0 ? g[k] / dd : 0.0;
+        axpy(s, v, gx + 3 * j);
+        axpy(-s, v, gx + 3 * i);
+    }
+}
+
+namespace {
+
+// act(z) into value (added to `add` when not null), act'(z) into derivative, for n entries
+inline void activate(Activation activation, int n, const double* z, double* value, bool accumulate, double* derivative) {
+    switch (activation) {
+        case Activation::Tanh:
+            for (int i = 0; i < n; i++) {
+                double t = std::tanh(z[i]);
+                value[i] = accumulate ? value[i] + t : t;
+                derivative[i] = 1.0 - t * t;
+            }
+            break;
+        case Activation::SiLU:
+            for (int i = 0; i < n; i++) {
+                double s = 1.0 / (1.0 + std::exp(-z[i]));
+                double a = z[i] * s;
+                value[i] = accumulate ? value[i] + a : a;
+                derivative[i] = s * (1.0 + z[i] * (1.0 - s));
+            }
+            break;
+        case Activation::Softplus:
+            for (int i = 0; i < n; i++) {
+                double a, d;
+                if (z[i] > SOFTPLUS_THRESHOLD) {
+                    a = z[i];
+                    d = 1.0;
+                }
+                else {
+                    double e = std::exp(z[i]);
+                    a = std::log1p(e);
+                    d = e / (e + 1.0);
+                }
+                value[i] = accumulate ? value[i] + a : a;
+                derivative[i] = d;
+            }
+            break;
+    }
+}
+
+}  // namespace
+
+void CGNetModel::evaluate(int count, const double* const* positions, double* energies, double* const* gradients,
+                          Workspace& w) const {
+    if (count < 1)
+        return;
+    reserve(w, count);
+    const CGNetParameters& p = parameters;
+    const int width = p.layers[0].rows;
+    const size_t pw = paddedWidth, pf = paddedFeatures;
+    // Layer by layer over all copies (in blocks of BLOCK): one layer's weights stay in cache while
+    // every copy passes through it.
+    for (int b = 0; b < count; b++) {
+        double* f = w.features + b * pf;
+        rawFeatures(positions[b], f);
+        for (int k = 0; k < numFeatures; k++)
+            f[k] = (f[k] - p.mean[k]) / p.stddev[k];
+    }
+    for (int l = 0; l < numHidden; l++) {
+        for (int s = 0; s < count; s += BLOCK) {
+            int n = std::min(BLOCK, count - s);
+            if (l == 0)
+                blockMatVec(n, numFeatures, paddedWidth, forwardMatrix[0], w.features + s * pf, paddedFeatures, bias[0], 0,
+                            w.preact + s * pw, paddedWidth);
+            else
+                blockMatVec(n, width, paddedWidth, forwardMatrix[l], w.hidden + s * pw, paddedWidth, bias[l], 0,
+                            w.preact + s * pw, paddedWidth);
+        }
+        // input layer: h = act(z); residual layers: h = h + act(z)
+        for (int b = 0; b < count; b++)
+            activate(p.activation, width, w.preact + b * pw, w.hidden + b * pw, l > 0, w.derivative[l] + b * pw);
+    }
+    for (int b = 0; b < count; b++) {
+        const double* h = w.hidden + b * pw;
+        double e = 0.0;
+        for (int i = 0; i < width; i++)
+            e += outputWeight[i] * h[i];
+        energies[b] = e + outputBias;
+    }
+    if (gradients == nullptr)
+        return;
+    // backward: g = dE/dh
+    for (int b = 0; b < count; b++)
+        std::memcpy(w.grad + b * pw, outputWeight.data(), sizeof(double) * pw);
+    for (int l = numHidden - 1; l >= 0; l--) {
+        const double* d = w.derivative[l];
+        for (size_t i = 0; i < (size_t) count * pw; i++)
+            w.gradPre[i] = d[i] * w.grad[i];
+        for (int s = 0; s < count; s += BLOCK) {
+            int n = std::min(BLOCK, count - s);
+            if (l > 0)  // residual: g = g + W^T (act' * g)
+                blockMatVec(n, width, paddedWidth, backwardMatrix[l], w.gradPre + s * pw, paddedWidth, w.grad + s * pw,
+                            paddedWidth, w.grad + s * pw, paddedWidth);
+            else
+                blockMatVec(n, width, paddedFeatures, backwardMatrix[0], w.gradPre + s * pw, paddedWidth, nullptr, 0,
+                            w.gradFeatures + s * pf, paddedFeatures);
+        }
+    }
+    for (int b = 0; b < count; b++) {
+        double* g = w.gradFeatures + b * pf;
+        for (int k = 0; k < numFeatures; k++)
+            g[k] /= p.stddev[k];
+        featureBackward(positions[b], g, gradients[b]);
+    }
+}
+
+}  // namespace OpenMMFlowMatch
