@@ -107,6 +107,7 @@ class ProtocolConfig:
     n_layers: int = 5
     activation: str = "tanh"
     lipschitz_bound: float = 4.0
+    feature_set: str = "dihedrals_and_distances"  # "all": CGnet's (bonds and angles too; stiff, see time_step.py)
     force_field_steps: int = 3000
     force_field_batch: int = 256
     force_field_early_stopping: bool = True
@@ -124,6 +125,9 @@ class ProtocolConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+LEGACY_VALUES: dict[str, Any] = {"feature_set": "all"}
+"""Values of settings added later, for work directories written before them."""
 
 PRESETS: dict[str, dict] = {
     "full": {},
@@ -394,6 +398,7 @@ def train_network(data: Any, priors: Any, config: ProtocolConfig, method: str, s
             n_layers=config.n_layers,
             activation=config.activation,
             lipschitz_bound=config.lipschitz_bound,
+            feature_set=config.feature_set,
         ),
         epochs=epochs,
         batch_size=config.force_field_batch,
@@ -414,10 +419,8 @@ def stage_force_field(
 
     model, budget = train_network((positions, forces), priors, config, method, seed, unit / "force_field_checkpoint.pt")
     info = dict(model.training_info)
-    artifact = unit / "model.pt"
-    temporary = unit / "model.pt.partial"
-    export_force_field(model, temporary, priors=priors, mapping=mapping, temperature=config.temperature, training=info)
-    os.replace(temporary, artifact)
+    artifact = unit / "model.pt"  # export_force_field writes atomically
+    export_force_field(model, artifact, priors=priors, mapping=mapping, temperature=config.temperature, training=info)
     summary = {k: info[k] for k in ("method", "frames", "validation_frames", "epochs", "best_epoch", "stopped_early",
                                     "initial_validation_loss", "best_validation_loss", "training_seconds")}
     summary.update(budget)
@@ -1114,7 +1117,8 @@ def check_work_config(work: Path, config: ProtocolConfig) -> None:
     if not path.exists():
         return
     old = read_json(path)
-    defaults = ProtocolConfig().to_dict()  # a field added after the run started had its default value
+    # a field added after the run started had its default value then (LEGACY_VALUES) or now
+    defaults = {**ProtocolConfig().to_dict(), **LEGACY_VALUES}
     mismatched = [
         k for k, v in config.to_dict().items()
         if k not in ("sizes", "seeds", "simulation_steps") and old.get(k, jsonable(defaults[k])) != jsonable(v)

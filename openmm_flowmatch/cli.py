@@ -28,6 +28,10 @@ SMALL_NETWORK_COMMANDS = ("simulate", "demo", "check-time-step")
 """Commands that run PyTorch on one thread unless --torch-threads says otherwise."""
 
 
+FEATURE_SET_NAMES = ("dihedrals_and_distances", "all")
+"""Names of forcefield.features.FEATURE_SETS, default first (kept here so that --help imports no torch)."""
+
+
 class CLIError(ValueError):
     """Bad command-line input."""
 
@@ -166,7 +170,8 @@ def command_train_ff(args: argparse.Namespace) -> None:
     model = train_force_field(
         {"positions": data["positions"], "forces": data["forces"]}, priors, method=args.method,
         bonds=mapping.bonds if mapping is not None else None,
-        model_kwargs={"hidden_width": args.width, "n_layers": args.layers}, epochs=args.epochs,
+        model_kwargs={"hidden_width": args.width, "n_layers": args.layers, "feature_set": args.feature_set},
+        epochs=args.epochs,
         batch_size=args.batch_size, learning_rate=args.learning_rate, checkpoint_path=args.checkpoint,
         seed=args.seed, device=args.device, progress=not args.quiet,
     )
@@ -497,6 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(sub, epochs=100, batch_size=128)
     sub.add_argument("--width", type=int, default=160, help="hidden width of the CGnet")
     sub.add_argument("--layers", type=int, default=5, help="residual layers of the CGnet")
+    sub.add_argument(
+        "--feature-set", default=FEATURE_SET_NAMES[0], choices=FEATURE_SET_NAMES,
+        help="network features: dihedrals and distances (bonds and angles left to the priors; integrates at 2-4 fs) "
+        "or all of CGnet's (bonds and angles too)",
+    )
 
     sub = add("export", command_export, "Write the TorchScript force-field artifact (.pt with metadata) for OpenMM.")
     sub.add_argument("model", help="network file from `train-ff`")

@@ -209,3 +209,11 @@ def test_analyze_tica_of_identical_data(work):
     assert metrics["distance_histograms_mean_js"] == 0.0
     assert metrics["rmsd_nm"]["model_mean"] == pytest.approx(metrics["rmsd_nm"]["reference_mean"])
     assert 0.0 < metrics["rmsd_nm"]["model_mean"] < 0.2
+
+
+def test_feature_set_names_match_the_library():
+    from openmm_flowmatch.cli import FEATURE_SET_NAMES
+    from openmm_flowmatch.forcefield import DEFAULT_FEATURE_SET, FEATURE_SETS
+
+    assert set(FEATURE_SET_NAMES) == set(FEATURE_SETS)
+    assert FEATURE_SET_NAMES[0] == DEFAULT_FEATURE_SET

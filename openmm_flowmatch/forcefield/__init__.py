@@ -11,7 +11,15 @@
 This package never imports :mod:`openmm_flowmatch.flows`; the two meet through the dataset format.
 """
 
-from .features import FeatureError, InvariantFeatures, chain_bonds, graph_distances
+from .features import (
+    DEFAULT_FEATURE_SET,
+    FEATURE_SETS,
+    FeatureError,
+    InvariantFeatures,
+    chain_bonds,
+    feature_set_options,
+    graph_distances,
+)
 from .networks import (
     ACTIVATIONS,
     CGNet,
@@ -25,6 +33,9 @@ from .training import METHODS, TrainingError, force_matching_loss, forces_of, tr
 
 __all__ = [
     "ACTIVATIONS",
+    "DEFAULT_FEATURE_SET",
+    "FEATURE_SETS",
+    "feature_set_options",
     "CGNet",
     "FeatureError",
     "InvariantFeatures",

@@ -23,7 +23,31 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["InvariantFeatures", "FeatureError", "chain_bonds", "graph_distances"]
+__all__ = [
+    "DEFAULT_FEATURE_SET",
+    "FEATURE_SETS",
+    "FeatureError",
+    "InvariantFeatures",
+    "chain_bonds",
+    "feature_set_options",
+    "graph_distances",
+]
+
+FEATURE_SETS: dict[str, dict] = {
+    # Bond lengths and angles are left to the harmonic priors: the network sees what the priors
+    # cannot express (signed dihedrals and distances of beads ≥ 3 bonds apart). Trained on a
+    # flow's forces, a network that sees bonds or angles learns the jumps of the flow's spline
+    # density along them and becomes too stiff to integrate (docs/benchmarks.md, "Time step").
+    "dihedrals_and_distances": dict(
+        include_bonds=False, include_angles=False, include_dihedrals=True, include_distances=True, min_separation=3
+    ),
+    # The CGnet / paper feature set: bonds, angles, dihedrals and distances of non-bonded pairs.
+    "all": dict(include_bonds=True, include_angles=True, include_dihedrals=True, include_distances=True, min_separation=2),
+}
+"""Named feature selections for :class:`InvariantFeatures` (see :func:`feature_set_options`)."""
+
+DEFAULT_FEATURE_SET = "dihedrals_and_distances"
+"""The feature set of the package's default CG networks."""
 
 
 class FeatureError(ValueError):
@@ -59,6 +83,35 @@ def graph_distances(n_beads: int, bonds: Sequence[tuple[int, int]]) -> np.ndarra
                     distances[start, neighbour] = distances[start, bead] + 1
                     queue.append(neighbour)
     return distances
+
+
+def feature_set_options(name: str, n_beads: int, bonds: Optional[Sequence[Sequence[int]]] = None) -> dict:
+    """Constructor options of :class:`InvariantFeatures` for a named feature set.
+
+    Parameters
+    ----------
+    name
+        A key of :data:`FEATURE_SETS`: ``"dihedrals_and_distances"`` (default of the package:
+        bonds and angles left to the priors) or ``"all"`` (CGnet's features).
+    n_beads, bonds
+        The CG molecule. A chain too short for the named set to select any feature (fewer than
+        4 beads for ``"dihedrals_and_distances"``) falls back to ``"all"``.
+
+    Raises
+    ------
+    FeatureError
+        For an unknown name.
+    """
+    try:
+        options = dict(FEATURE_SETS[name])
+    except KeyError:
+        raise FeatureError(f"unknown feature set {name!r}; choose one of {sorted(FEATURE_SETS)}") from None
+    bond_list = _validated_bonds(int(n_beads), bonds)
+    has_dihedrals = len(_dihedral_quadruples(int(n_beads), bond_list)) > 0
+    has_far_pairs = bool((graph_distances(int(n_beads), bond_list) >= options["min_separation"]).any())
+    if not (has_dihedrals and options["include_dihedrals"]) and not (has_far_pairs and options["include_distances"]):
+        return dict(FEATURE_SETS["all"])
+    return options
 
 
 def _validated_bonds(n_beads: int, bonds: Optional[Sequence[Sequence[int]]]) -> list[tuple[int, int]]:

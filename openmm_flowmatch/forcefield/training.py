@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .features import InvariantFeatures
+from .features import DEFAULT_FEATURE_SET, InvariantFeatures, feature_set_options
 from .networks import CGNet
 
 __all__ = [
@@ -234,19 +234,29 @@ def _use_precomputed(model: nn.Module, requested: Optional[bool], n_frames: int,
 
 
 # ------------------------------------------------------------------------------------ checkpoints
+CHECKPOINT_REMEDY = "delete it (or pass resume=False) to start the training afresh"
+"""What a refused force-field checkpoint's message tells the user to do."""
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    """Write a checkpoint atomically: plain content plus its SHA-256 checksum (no pickled objects)."""
+    from ..safe_files import save_plain
+
+    save_plain(state, path, TrainingError)
 
 
 def _load_checkpoint(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise TrainingError(f"cannot read the training checkpoint {path}: {error}; delete it to start afresh") from error
-    if not isinstance(state, dict) or state.get("checkpoint_version") not in _READABLE_CHECKPOINT_VERSIONS:
+    """Read a checkpoint with ``torch.load(weights_only=True)``, verifying its checksum.
+
+    Raises
+    ------
+    TrainingError
+        One line naming the file, for a truncated, corrupt or pickled file or one of another kind.
+    """
+    from ..safe_files import load_plain
+
+    state = load_plain(path, what="force-field training checkpoint", remedy=CHECKPOINT_REMEDY, error=TrainingError)
+    if state.get("checkpoint_version") not in _READABLE_CHECKPOINT_VERSIONS:
         raise TrainingError(f"{path} is not a force-field training checkpoint of this package; delete it or pick another path")
     return state
 
@@ -336,7 +346,10 @@ def train_force_field(
         CG bond graph for the default model's features (default: a linear chain).
     model_kwargs
         Keyword arguments of the default :class:`CGNet` (``hidden_width``, ``n_layers``,
-        ``activation``, ``lipschitz_bound``), plus ``min_separation`` for its features.
+        ``activation``, ``lipschitz_bound``), plus for its features ``feature_set`` (a key of
+        :data:`~openmm_flowmatch.forcefield.features.FEATURE_SETS`; default
+        ``"dihedrals_and_distances"``: bonds and angles are left to the priors, which keeps a
+        flow-matching network integrable at 2–4 fs) and ``min_separation`` (overrides the set's).
     epochs
         Maximum number of passes over the training frames (default 100), counting the epochs
         of a resumed checkpoint. Ignored when ``max_steps`` is given.
@@ -651,8 +664,10 @@ def _validate(run: _RunState, model: nn.Module, optimizer: Any, scheduler: Any, 
 
 def _default_model(positions: np.ndarray, bonds: Any, model_kwargs: dict, seed: int) -> CGNet:
     kwargs = dict(model_kwargs)
-    min_separation = kwargs.pop("min_separation", 2)
-    features = InvariantFeatures.from_positions(positions, bonds=bonds, min_separation=min_separation)
+    options = feature_set_options(kwargs.pop("feature_set", DEFAULT_FEATURE_SET), positions.shape[1], bonds)
+    if "min_separation" in kwargs:
+        options["min_separation"] = kwargs.pop("min_separation")
+    features = InvariantFeatures.from_positions(positions, bonds=bonds, **options)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         return CGNet(features, **kwargs)

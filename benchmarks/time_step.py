@@ -1,0 +1,267 @@
+"""Benchmark: which time steps CG models integrate soundly at, before and after the feature fix.
+
+Issue "CG models that integrate soundly": flow-matching networks that see bond lengths (and
+angles) learn the jumps of the flow's spline density along those stiff coordinates and heat the
+system at 2 fs. The fix leaves bonds and angles to the harmonic priors (feature set
+``dihedrals_and_distances``). This script measures, for flow-matching and force-matching models
+trained on the same N frames (the data-efficiency protocol, seed 0) with the old (``all``) and the
+new feature set, and for any extra artifacts given with ``--artifact LABEL=PATH`` (e.g. the demo's
+model before and after):
+
+- the network's curvature along every CG bond: |d²U_net/db²| over ±0.01 nm (±4σ) around 20
+  held-out frames, beads beyond the bond moved along it (median over frames of the maximum);
+- :func:`openmm_flowmatch.diagnostics.check_time_step` at 1–5 fs: kinetic temperature per replica,
+  bond and angle width ratios against the data, configurational temperature, blow-ups;
+- φ/ψ metrics (DESIGN.md) against the held-out reference at 1 fs and at the largest sound step.
+
+Usage::
+
+    python benchmarks/time_step.py --data ../shared/data/ala2_train --work benchmarks/runs/time_step \\
+        [--frames 10000] [--replicas 64] [--production-time 20] [--artifact demo-after=demo_output/forcefield.pt]
+
+Writes ``benchmarks/results/time_step.json`` and ``time_step.png``. Every stage is cached in
+``--work``; a re-run skips what is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import data_efficiency as protocol  # noqa: E402  (the shared data-efficiency protocol)
+
+from openmm_flowmatch.analysis import compare_phi_psi, jsonable  # noqa: E402
+
+RESULTS = protocol.RESULTS
+FEATURE_SETS = ("all", "dihedrals_and_distances")
+logger = logging.getLogger("time_step")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_json(path: Path, value: Any) -> None:
+    temporary = Path(str(path) + ".partial")
+    temporary.write_text(json.dumps(jsonable(value), indent=1))
+    os.replace(temporary, path)
+
+
+def cached(path: Path, compute) -> Any:
+    """Read ``path`` if a previous run wrote it, else compute, write and return the value."""
+    if path.exists():
+        return read_json(path)
+    value = compute()
+    write_json(path, value)
+    return value
+
+
+# ----------------------------------------------------------------------------------------- models
+def train_models(work: Path, split: Any, arguments: argparse.Namespace) -> dict[str, Path]:
+    """Flow, teacher and the four force fields (2 methods × 2 feature sets) of one seed."""
+    from openmm_flowmatch.data.storage import read_cg_file
+
+    config = protocol.ProtocolConfig(seeds=[arguments.seed])
+    from openmm_flowmatch import CGMapping
+
+    mapping = CGMapping.backbone(str(protocol.default_pdb()))
+    train = split.pool.select(protocol.evenly_spaced_indices(split.pool.n_frames, arguments.frames))
+    priors = protocol.fit_priors(train.positions, mapping, config.temperature)
+    flow_unit = work / "flow_unit"
+    flow_unit.mkdir(parents=True, exist_ok=True)
+    cached(flow_unit / "flow.json", lambda: protocol.stage_flow(flow_unit, train.positions, config, arguments.seed))
+    cached(flow_unit / "teacher.json",
+           lambda: protocol.stage_teacher(flow_unit, split.reference.positions, config, arguments.seed))
+    teacher = read_cg_file(flow_unit / "flow" / "teacher.h5")
+    sources = {"flow-matching": (teacher["positions"], teacher["forces"]),
+               "force-matching": (train.positions, train.forces)}
+    artifacts = {}
+    for method, data in sources.items():
+        for feature_set in FEATURE_SETS:
+            unit = work / f"{method}_{feature_set}"
+            unit.mkdir(parents=True, exist_ok=True)
+            unit_config = protocol.ProtocolConfig(seeds=[arguments.seed], feature_set=feature_set)
+            cached(unit / "model.json", lambda: protocol.stage_force_field(
+                unit, data[0], data[1], priors, mapping, unit_config, method, arguments.seed))
+            artifacts[f"{method} / {feature_set}"] = unit / "model.pt"
+    return artifacts
+
+
+# --------------------------------------------------------------------------------------- measures
+def bond_curvature(force_field: Any, frames: np.ndarray, span: float = 0.01, points: int = 401) -> list[float]:
+    """Median over frames of max |d²U_net/db²| (kJ/mol/nm²) along each CG bond, priors excluded."""
+    import torch
+
+    module = force_field.module
+    offsets = torch.linspace(-span, span, points, dtype=torch.float64)
+    spacing = float(offsets[1] - offsets[0])
+    result = []
+    for first, second in force_field.mapping.bonds:
+        maxima = []
+        for frame in torch.as_tensor(frames, dtype=torch.float64):
+            direction = frame[second] - frame[first]
+            moved = frame.repeat(points, 1, 1)
+            moved[:, second:] += offsets[:, None, None] * direction / direction.norm()
+            with torch.no_grad():
+                energy = torch.stack([module(x) for x in moved]).numpy()
+            second_derivative = (energy[2:] - 2 * energy[1:-1] + energy[:-2]) / spacing**2
+            maxima.append(float(np.abs(second_derivative).max()))
+        result.append(float(np.median(maxima)))
+    return result
+
+
+def phi_psi_metrics(force_field: Any, reference: np.ndarray, time_step: float, arguments, directory: Path) -> dict:
+    """Simulate 64 replicas for ``--phi-psi-time`` ps at ``time_step`` and score φ/ψ vs the reference."""
+    from openmm_flowmatch.analysis import load_positions
+    from openmm_flowmatch.simulation import run_simulation
+    from openmm_flowmatch.topology import replicate_topology
+
+    replicas = arguments.replicas
+    topology = force_field.mapping.cg_topology()
+    system = force_field.create_system(replicate_topology(topology, replicas))
+    starts = reference[np.linspace(0, len(reference) - 1, replicas).astype(int)]
+    steps = int(round((arguments.phi_psi_time + 10.0) / time_step))
+    interval = int(round(0.2 / time_step))
+    result = run_simulation(system, topology, starts, directory, steps, replicas=replicas, time_step=time_step,
+                            report_interval=interval, platform="CPU", platform_properties={"Threads": "1"},
+                            seed=arguments.seed, progress=False)
+    skip = int(round(10.0 / 0.2))
+    positions = np.concatenate([load_positions(path, topology)[skip:] for path in result.trajectories])
+    metrics = compare_phi_psi(reference, positions, temperature=protocol.TEMPERATURE).metrics
+    kinetic = result.kinetic_temperature
+    return {"time_step_ps": time_step, "replicas": replicas, "production_ps_per_replica": arguments.phi_psi_time,
+            "js_divergence": metrics["js_divergence"], "fes_mse": metrics["fes_mse"],
+            "kinetic_temperature": jsonable(kinetic.__dict__ if hasattr(kinetic, "__dict__") else kinetic),
+            "wall_seconds": result.wall_time}
+
+
+def measure(label: str, artifact: Path, reference: np.ndarray, arguments, work: Path) -> dict:
+    """Curvature, time-step scan and φ/ψ metrics of one artifact (each cached)."""
+    from openmm_flowmatch import FlowMatchForceField
+    from openmm_flowmatch.diagnostics import check_time_step
+
+    force_field = FlowMatchForceField.load(artifact)
+    unit = work / "measures" / label.replace(" / ", "_").replace(" ", "_")
+    unit.mkdir(parents=True, exist_ok=True)
+    frames = reference[np.linspace(0, len(reference) - 1, 20).astype(int)]
+    record = {"label": label, "artifact": str(artifact.name), "training": force_field.metadata.get("training", {})}
+    record["bond_curvature"] = cached(unit / "curvature.json", lambda: bond_curvature(force_field, frames))
+    starts = reference[np.linspace(0, len(reference) - 1, arguments.replicas).astype(int)]
+    record["time_steps"] = cached(unit / "time_steps.json", lambda: check_time_step(
+        force_field, starts, time_steps=[t / 1000 for t in arguments.time_steps], replicas=arguments.replicas,
+        production_time=arguments.production_time, platform="CPU", platform_properties={"Threads": "1"},
+        seed=arguments.seed, progress=False).to_dict())
+    sound = record["time_steps"].get("largest_sound_time_step")
+    steps = sorted({0.001} | ({sound} if sound else set()) | ({0.002} if sound and sound >= 0.002 else set()))
+    record["phi_psi"] = [cached(unit / f"phi_psi_{int(round(dt * 1e4))}.json",
+                                lambda dt=dt: phi_psi_metrics(force_field, reference, dt, arguments, unit / f"md_{dt}"))
+                         for dt in steps]
+    return record
+
+
+# ---------------------------------------------------------------------------------------- report
+def summary_row(record: dict) -> dict:
+    """One line per model: T_kin and bond width ratios per step, the largest sound step, φ/ψ."""
+    steps = {}
+    for row in record["time_steps"]["rows"]:
+        bonded = row.get("bonded") or {}
+        steps[f"{row['time_step'] * 1000:g} fs"] = {
+            "kinetic_temperature": row.get("kinetic_temperature"),
+            "kinetic_temperature_error": row.get("kinetic_temperature_error"),
+            "bond_width_ratio_min": bonded.get("bond_width_ratio_min"),
+            "bond_width_ratio_max": bonded.get("bond_width_ratio_max"),
+            "configurational_temperature": row.get("configurational_temperature"),
+            "blew_up": row.get("blew_up"), "sound": row.get("sound"),
+        }
+    return {"label": record["label"], "bond_curvature_kJ_mol_nm2": record["bond_curvature"],
+            "largest_sound_time_step_fs": (record["time_steps"]["largest_sound_time_step"] or 0) * 1000,
+            "time_steps": steps,
+            "phi_psi": {f"{p['time_step_ps'] * 1000:g} fs": {k: p[k] for k in ("js_divergence", "fes_mse")}
+                        for p in record["phi_psi"]}}
+
+
+def plot(records: list[dict], path: Path) -> None:
+    """Kinetic temperature and bond width ratios against the time step, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for record in records:
+        rows = [r for r in record["time_steps"]["rows"] if not r.get("blew_up")]
+        steps = [r["time_step"] * 1000 for r in rows]
+        style = "-" if "dihedrals_and_distances" in record["label"] or "after" in record["label"] else "--"
+        left.errorbar(steps, [r["kinetic_temperature"] for r in rows], [r["kinetic_temperature_error"] for r in rows],
+                      linestyle=style, marker="o", capsize=2, label=record["label"])
+        right.plot(steps, [(r.get("bonded") or {}).get("bond_width_ratio_max") for r in rows], style, marker="o")
+    left.axhspan(protocol.TEMPERATURE * 0.98, protocol.TEMPERATURE * 1.02, color="0.85", label="bath ± 2 %")
+    right.axhspan(0.9, 1.1, color="0.85")
+    left.set(xlabel="time step (fs)", ylabel="kinetic temperature (K)", yscale="log")
+    right.set(xlabel="time step (fs)", ylabel="largest CG bond width / data", yscale="log")
+    left.legend(fontsize=7)
+    figure.suptitle("LangevinMiddleIntegrator 300 K, 1/ps; dashed: network sees bonds and angles (before)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="directory of runs with chunk_*.npz (x, f)")
+    parser.add_argument("--work", type=Path, default=Path("benchmarks/runs/time_step"), help="cache directory")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where time_step.json/.png go")
+    parser.add_argument("--frames", type=int, default=10000, help="training frames (evenly spaced in the pool)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replicas", type=int, default=64)
+    parser.add_argument("--time-steps", type=float, nargs="+", default=[1, 2, 3, 4, 5], help="fs")
+    parser.add_argument("--production-time", type=float, default=20.0, help="ps per replica and time step")
+    parser.add_argument("--phi-psi-time", type=float, default=50.0, help="ps per replica for the φ/ψ runs")
+    parser.add_argument("--artifact", action="append", default=[], help="LABEL=PATH of another artifact to measure")
+    parser.add_argument("--skip-training", action="store_true", help="measure only the --artifact files")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    started = time.perf_counter()
+    config = protocol.ProtocolConfig(seeds=[arguments.seed])
+    split = protocol.load_split(arguments.data, config)
+    arguments.work.mkdir(parents=True, exist_ok=True)
+    artifacts = {} if arguments.skip_training else train_models(arguments.work, split, arguments)
+    for item in arguments.artifact:
+        label, _, path = item.partition("=")
+        artifacts[label] = Path(path)
+    reference = split.reference.positions
+    records = []
+    for label, artifact in artifacts.items():
+        logger.info("measuring %s", label)
+        records.append(measure(label, artifact, reference, arguments, arguments.work))
+    arguments.results.mkdir(parents=True, exist_ok=True)
+    result = {
+        "benchmark": "time_step", "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(arguments).items()
+                                              if k not in ("data", "work", "results")},
+        "integrator": "LangevinMiddleIntegrator, 300 K, friction 1/ps, CPU platform, 1 thread",
+        "sound_rule": "|T_kin/T - 1| <= 2 % and every CG bond width within 10 % of the data's",
+        "summary": [summary_row(record) for record in records], "records": records,
+        "wall_seconds_this_invocation": time.perf_counter() - started,
+    }
+    write_json(arguments.results / "time_step.json", result)
+    plot(records, arguments.results / "time_step.png")
+    logger.info("wrote %s", arguments.results / "time_step.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
