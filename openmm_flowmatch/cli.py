@@ -207,12 +207,19 @@ def command_simulate(args: argparse.Namespace) -> None:
         frames = _read_data([args.start_from])["positions"]
         starts = frames[np.linspace(0, len(frames) - 1, args.replicas).astype(int)]
     properties = {"Threads": str(args.threads)} if args.threads else None
+    if args.time_step is None:
+        from openmm_flowmatch.export import FlowMatchForceField
+
+        recorded = FlowMatchForceField.load(args.artifact).sound_time_step
+        args.time_step = recorded or 0.002
+        logger.info("time step %g fs (%s)", args.time_step * 1000,
+                    "largest sound step recorded in the artifact" if recorded else "default; none recorded by check-time-step")
     result = simulate_force_field(
         args.artifact, args.pdb, args.out, args.steps, replicas=args.replicas, batched=not args.separate,
         initial_positions=starts, temperature=args.temperature, friction=args.friction, time_step=args.time_step,
         report_interval=args.report_interval, checkpoint_interval=args.checkpoint_interval,
         trajectory_format=args.format, platform=args.platform, platform_properties=properties, seed=args.seed,
-        min_distance=args.min_distance, resume=not args.restart, progress=not args.quiet,
+        min_distance=args.min_distance, resume=not args.restart, progress=not args.quiet, backend=args.backend,
     )
     logger.info(
         "wrote %d trajectories of %d frames to %s (%.1f ns/day summed over replicas on %s)",
@@ -526,10 +533,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--start-from", default=None, help="CG data file: start the replicas from frames spread over it")
     sub.add_argument("--temperature", type=float, default=None, help="temperature (K); default: the artifact's")
     sub.add_argument("--friction", type=float, default=1.0, help="Langevin friction (1/ps)")
-    sub.add_argument("--time-step", type=float, default=0.002, help="time step (ps)")
+    sub.add_argument(
+        "--time-step", type=float, default=None,
+        help="time step (ps); default: the largest sound step recorded by `check-time-step` in the artifact, else 0.002",
+    )
     sub.add_argument("--report-interval", type=int, default=100, help="steps between frames")
     sub.add_argument("--checkpoint-interval", type=int, default=None, help="steps between checkpoints (default 10 frames)")
     sub.add_argument("--format", default="dcd", choices=["dcd", "xtc"], help="trajectory format")
+    sub.add_argument(
+        "--backend", default=None, choices=["torchforce", "native", "exported", "pythonforce", "pythontorchforce"],
+        help="network backend (default: TorchForce where openmm-torch is installed; see docs/compatibility.md)",
+    )
     sub.add_argument("--min-distance", type=float, default=0.05, help="beads closer than this (nm) stop the run as a blow-up")
     sub.add_argument("--restart", action="store_true", help="start again instead of continuing from checkpoints")
     sub.add_argument("--seed", type=int, default=0, help="random seed")

@@ -930,6 +930,7 @@ def simulate_force_field(
     replicas: int = 1,
     batched: bool = True,
     initial_positions: Any = None,
+    backend: str | None = None,
     **options: Any,
 ) -> SimulationResult:
     """Simulate an exported force field (``.pt`` artifact) from a structure file.
@@ -948,6 +949,9 @@ def simulate_force_field(
         Contexts.
     initial_positions
         Optional ``(replicas, beads, 3)`` nm starting structures instead of the PDB's.
+    backend
+        Network backend of ``FlowMatchForceField.create_system`` (``"torchforce"``, ``"native"``,
+        ``"exported"``, …); default its own choice.
     **options
         Passed to :func:`run_simulation` (temperature, friction, time_step, platform, ...).
         The temperature defaults to the artifact's training temperature.
@@ -958,7 +962,9 @@ def simulate_force_field(
     topology, positions = cg_structure(force_field, structure)
     copies = replicas if batched else 1
     hint = select_platform(options.get("platform")).getName()
-    system = force_field.create_system(replicate_topology(topology, copies), replicas=copies, platform_hint=hint)
+    system = force_field.create_system(
+        replicate_topology(topology, copies), replicas=copies, platform_hint=hint, backend=backend
+    )
     if options.get("temperature") is None:
         options["temperature"] = force_field.temperature or 300.0
     start = positions if initial_positions is None else initial_positions

@@ -217,3 +217,30 @@ def test_feature_set_names_match_the_library():
 
     assert set(FEATURE_SET_NAMES) == set(FEATURE_SETS)
     assert FEATURE_SET_NAMES[0] == DEFAULT_FEATURE_SET
+
+
+def test_simulate_takes_the_recorded_sound_step_and_the_native_backend(work, tmp_path):
+    """Without --time-step, `simulate` uses the step `check-time-step` recorded in the artifact;
+    --backend native runs the C++ kernel and gives the TorchForce run's first frames."""
+    import shutil
+
+    import mdtraj
+
+    from openmm_flowmatch.export import update_artifact_metadata
+
+    directory, _ = work
+    artifact = tmp_path / "forcefield.pt"
+    shutil.copy(directory / "forcefield.pt", artifact)
+    update_artifact_metadata(artifact, {"time_step_check": {"largest_sound_time_step": 0.0015}})
+    pdb = str(directory / "simulation" / "topology.pdb")
+    frames = {}
+    for backend in ("native", "torchforce"):
+        out = tmp_path / backend
+        assert cli.main([
+            "simulate", str(artifact), pdb, "--out", str(out), "--steps", "40", "--report-interval", "20",
+            "--platform", "CPU", "--threads", "1", "--backend", backend,
+        ]) == 0
+        info = json.loads((out / "simulation.json").read_text())
+        assert info["time_step"] == pytest.approx(0.0015)
+        frames[backend] = mdtraj.load(str(out / "replica_000.dcd"), top=pdb).xyz
+    np.testing.assert_allclose(frames["native"], frames["torchforce"], atol=1e-5)
