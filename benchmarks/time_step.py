@@ -169,6 +169,44 @@ def measure(label: str, artifact: Path, reference: np.ndarray, arguments, work: 
     return record
 
 
+def long_run(artifact: Path, reference: np.ndarray, arguments, work: Path) -> dict:
+    """``--long-run-steps`` steps of one replica at ``--long-run-time-step`` (cached; resumable)."""
+    from openmm_flowmatch.simulation import simulate_force_field
+
+    directory = work / "long_run"
+    result = simulate_force_field(
+        artifact, protocol.default_pdb(), directory, arguments.long_run_steps, replicas=1,
+        initial_positions=reference[:1], time_step=arguments.long_run_time_step, report_interval=1000,
+        platform="CPU", platform_properties={"Threads": "1"}, seed=arguments.seed, progress=False,
+        backend=arguments.long_run_backend,
+    )
+    info = read_json(directory / "simulation.json")
+    return {"artifact": str(artifact), "steps": arguments.long_run_steps, "time_step_ps": arguments.long_run_time_step,
+            "backend": arguments.long_run_backend, "simulated_ns": arguments.long_run_steps * arguments.long_run_time_step / 1000,
+            "frames": result.frames_per_replica, "wall_seconds_last_invocation": result.wall_time,
+            "steps_per_second_last_invocation": result.steps_run / max(result.wall_time, 1e-9),
+            "kinetic_temperature": info.get("kinetic_temperature"), "bonded": info.get("bonded"), "blew_up": False}
+
+
+def unstable_run(artifact: Path, reference: np.ndarray, arguments, work: Path) -> dict:
+    """A deliberately unstable step must be stopped by the blow-up guard with a clear message."""
+    import shutil
+
+    from openmm_flowmatch.simulation import BlowUpError, simulate_force_field
+
+    directory = work / "unstable_run"
+    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        simulate_force_field(artifact, protocol.default_pdb(), directory, 20000, replicas=8,
+                             initial_positions=reference[:: len(reference) // 8][:8],
+                             time_step=arguments.unstable_time_step, report_interval=10, platform="CPU",
+                             platform_properties={"Threads": "1"}, seed=arguments.seed, progress=False)
+    except BlowUpError as error:
+        return {"time_step_ps": arguments.unstable_time_step, "caught": True, "step": error.step,
+                "replica": error.replica, "reason": error.reason, "message": str(error)}
+    return {"time_step_ps": arguments.unstable_time_step, "caught": False}
+
+
 # ---------------------------------------------------------------------------------------- report
 def summary_row(record: dict) -> dict:
     """One line per model: T_kin and bond width ratios per step, the largest sound step, φ/ψ."""
@@ -228,6 +266,12 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--phi-psi-time", type=float, default=50.0, help="ps per replica for the φ/ψ runs")
     parser.add_argument("--artifact", action="append", default=[], help="LABEL=PATH of another artifact to measure")
     parser.add_argument("--skip-training", action="store_true", help="measure only the --artifact files")
+    parser.add_argument("--long-run-steps", type=int, default=0, help="steps of the long single-replica run (0: none)")
+    parser.add_argument("--long-run-time-step", type=float, default=0.004, help="ps")
+    parser.add_argument("--long-run-backend", default="native", help="network backend of the long run")
+    parser.add_argument("--long-run-label", default="flow-matching / dihedrals_and_distances",
+                        help="model of the long run and of the unstable-step check")
+    parser.add_argument("--unstable-time-step", type=float, default=0.012, help="ps; 0 skips the blow-up check")
     return parser.parse_args(argv)
 
 
@@ -248,13 +292,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("measuring %s", label)
         records.append(measure(label, artifact, reference, arguments, arguments.work))
     arguments.results.mkdir(parents=True, exist_ok=True)
+    extra = {}
+    if arguments.long_run_label in artifacts and arguments.long_run_steps > 0:
+        extra["long_run"] = long_run(artifacts[arguments.long_run_label], reference, arguments, arguments.work)
+    if arguments.long_run_label in artifacts and arguments.unstable_time_step > 0:
+        extra["unstable_run"] = cached(arguments.work / "unstable_run.json", lambda: unstable_run(
+            artifacts[arguments.long_run_label], reference, arguments, arguments.work))
     result = {
         "benchmark": "time_step", "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
         "cores": os.cpu_count(), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(arguments).items()
                                               if k not in ("data", "work", "results")},
         "integrator": "LangevinMiddleIntegrator, 300 K, friction 1/ps, CPU platform, 1 thread",
         "sound_rule": "|T_kin/T - 1| <= 2 % and every CG bond width within 10 % of the data's",
-        "summary": [summary_row(record) for record in records], "records": records,
+        "summary": [summary_row(record) for record in records], **extra, "records": records,
         "wall_seconds_this_invocation": time.perf_counter() - started,
     }
     write_json(arguments.results / "time_step.json", result)

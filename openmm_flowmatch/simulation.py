@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from openmm_flowmatch.locking import holds_directory_lock
 from openmm_flowmatch.topology import replicate_topology
 from openmm_flowmatch.units import BOLTZMANN_KJ_PER_MOL_PER_K, strip_unit
 
@@ -574,9 +575,10 @@ def _write_topology(path: Path, topology, positions_nm: np.ndarray) -> None:
 
 
 def _save_checkpoint(context, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(context.createCheckpoint())
-    os.replace(temporary, path)
+    """Write a checkpoint atomically; a full disk fails the run with one line, keeping the old one."""
+    from openmm_flowmatch.safe_files import write_atomically
+
+    write_atomically(path, context.createCheckpoint(), SimulationError)
 
 
 # --------------------------------------------------------------------------------------------
@@ -605,18 +607,30 @@ def _initial_positions(positions: Any, replicas: int, n_beads: int) -> np.ndarra
     return array
 
 
+RESUME_SETTINGS = ("replicas", "batched", "n_beads", "report_interval", "time_step", "trajectory_format",
+                   "temperature", "friction", "seed", "platform")
+"""Options a continued run must share with the run that wrote the checkpoints (``steps`` may grow)."""
+
+
 def _check_run_info(path: Path, info: dict) -> None:
-    if not path.exists():
+    """Refuse to continue checkpoints written with other options, naming the first that differs."""
+    if not path.exists() or not any(path.parent.glob("checkpoint_*.chk")):
         return
-    previous = json.loads(path.read_text())
-    for key in ("replicas", "batched", "n_beads", "report_interval", "time_step", "trajectory_format"):
-        if previous.get(key) != info[key]:
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise SimulationError(
+            f"{path} cannot be read ({error}); delete the output directory or pass resume=False (--restart)"
+        ) from None
+    for key in RESUME_SETTINGS:
+        if key in previous and previous.get(key) != info[key]:
             raise SimulationError(
                 f"{path.parent} holds a run with {key}={previous.get(key)!r}, this call asks for "
                 f"{info[key]!r}; use the same options to continue it, or another output directory"
             )
 
 
+@holds_directory_lock("out_dir")
 def run_simulation(
     system,
     topology,
@@ -755,7 +769,7 @@ def run_simulation(
     info_path = out_dir / RUN_INFO_FILE
     if resume:
         _check_run_info(info_path, info)
-    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    _write_run_info(info_path, info)
     _write_topology(out_dir / "topology.pdb", topology, start[0])
 
     contexts = 1 if batched else replicas
@@ -885,9 +899,13 @@ def _update_run_info(path: Path, key: str, value: Any) -> None:
     """Add a diagnostics entry to ``simulation.json`` (options written at the start stay)."""
     info = json.loads(path.read_text()) if path.exists() else {}
     info[key] = value
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(temporary, path)
+    _write_run_info(path, info)
+
+
+def _write_run_info(path: Path, info: dict) -> None:
+    from openmm_flowmatch.safe_files import write_atomically
+
+    write_atomically(path, json.dumps(info, indent=2) + "\n", SimulationError)
 
 
 def _step(simulation, steps: int, context_index: int, batched: bool, trajectories) -> None:
@@ -907,11 +925,13 @@ def _step(simulation, steps: int, context_index: int, batched: bool, trajectorie
 
 def _blow_up_error(step, replica, reason, trajectories) -> BlowUpError:
     where = "a replica" if replica is None else f"replica {replica}"
-    files = trajectories if replica is None else [trajectories[replica]]
+    files = [Path(p) for p in (trajectories if replica is None else [trajectories[replica]])]
+    kept = str(files[0]) if len(files) == 1 else f"{files[0].parent}/replica_*{files[0].suffix} ({len(files)} files)"
     message = (
-        f"simulation blew up at step {step} in {where}: {reason}. The frames before it are kept in "
-        f"{', '.join(str(p) for p in files)}. Try a smaller time step or a higher friction, and "
-        "check the model's priors (repulsion) and training data."
+        f"simulation blew up at step {step} in {where}: {reason.split('  For more information')[0]} "
+        f"The frames before it are kept in {kept}. The time step is too large for this model: "
+        "`openmm-flowmatch check-time-step ARTIFACT STRUCTURE` finds the largest sound one; also check "
+        "the model's priors (repulsion) and training data."
     )
     return BlowUpError(message, step, replica, reason, trajectories)
 
