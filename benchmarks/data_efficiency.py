@@ -45,7 +45,6 @@ import logging
 import math
 import os
 import platform
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -168,43 +167,34 @@ def read_json(path: Path) -> Any:
 
 
 class UnitLock:
-    """An exclusive lock file for one (seed, N, method) unit, so that two workers never share one."""
+    """An exclusive lock of one (seed, N, method) unit, so that two workers never share one.
+
+    An ``fcntl.flock`` through :mod:`openmm_flowmatch.locking`: the operating system releases it
+    when the worker exits, also when it is killed, so a crashed worker never leaves a stale lock.
+    """
 
     def __init__(self, path: Path) -> None:
+        from openmm_flowmatch.locking import OutputLock
+
         self.path = path
+        self._lock = OutputLock(path.parent, path, remove=True)
         self.held = False
 
     def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if self._stale():
-                    self.path.unlink(missing_ok=True)
-                    continue
-                return False
-            with os.fdopen(handle, "w") as stream:
-                stream.write(f"{socket.gethostname()} {os.getpid()}\n")
-            self.held = True
-            return True
-        return False
+        """Take the lock; ``False`` when another live worker holds it."""
+        from openmm_flowmatch.locking import OutputLockedError
 
-    def _stale(self) -> bool:
         try:
-            host, pid = self.path.read_text().split()
-            if host != socket.gethostname():
-                return False
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except (ValueError, OSError):
-            return True
-        return False
+            self._lock.acquire()
+        except OutputLockedError as error:
+            logger.debug("%s", error)
+            return False
+        self.held = True
+        return True
 
     def release(self) -> None:
         if self.held:
-            self.path.unlink(missing_ok=True)
+            self._lock.release()
             self.held = False
 
 

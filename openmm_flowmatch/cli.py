@@ -18,6 +18,7 @@ import json
 import logging
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -92,6 +93,68 @@ def _temperature(option: float | None, metadata: dict, what: str) -> float:
     raise CLIError(f"the temperature of {what} is unknown; pass --temperature (K)")
 
 
+TRAINING_SETTINGS = {
+    "train-flow": ("batch_size", "learning_rate", "blocks", "hidden", "seed"),
+    "train-ff": ("method", "width", "layers", "feature_set", "batch_size", "learning_rate", "seed"),
+}
+"""Options of the training commands that a resumed run must share with the checkpoint's run
+(``--epochs`` may grow, ``--device`` may change); the data and priors files are compared by content."""
+
+
+def _file_digest(names: Sequence[str | None]) -> list:
+    """SHA-256 of each file (of each file inside a directory, in name order); ``None`` stays."""
+    import hashlib
+
+    digests = []
+    for name in names:
+        if name is None or not Path(name).exists():
+            digests.append(None)
+            continue
+        files = sorted(p for p in Path(name).rglob("*") if p.is_file()) if Path(name).is_dir() else [Path(name)]
+        digest = hashlib.sha256()
+        for path in files:
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        digests.append(digest.hexdigest())
+    return digests
+
+
+def _first_rank() -> bool:
+    """False on the ranks > 0 of a ``torchrun`` job (``RANK`` set, ``WORLD_SIZE > 1``)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
+
+
+def _is_main_process() -> bool:
+    """True unless this is a rank > 0 of a distributed job (which must not write the output)."""
+    from openmm_flowmatch.distributed import is_main_process as main
+
+    return main() and _first_rank()
+
+
+@contextmanager
+def _job_guard(args: argparse.Namespace):
+    """Lock the output files of train-flow, teacher and train-ff, and refuse a resume with changed settings.
+
+    ``generate`` and ``simulate`` lock their output directories in the library; see
+    openmm_flowmatch/locking.py and docs/reliability.md.
+    """
+    if args.command not in ("train-flow", "teacher", "train-ff") or not _first_rank():
+        yield  # under torchrun rank 0 alone locks and checks (it alone writes; see docs/distributed.md)
+        return
+    from openmm_flowmatch.locking import check_settings, lock_outputs
+
+    checkpoint = getattr(args, "checkpoint", None)
+    with lock_outputs(checkpoint, args.out):
+        if checkpoint is not None:
+            settings = {key: getattr(args, key) for key in TRAINING_SETTINGS[args.command]}
+            settings.update(data=_file_digest(args.data), priors=_file_digest([getattr(args, "priors", None)])[0])
+            check_settings(f"{checkpoint}.settings.json", settings, resuming=Path(checkpoint).exists())
+        yield
+
+
 # --------------------------------------------------------------------------------------------
 # subcommands
 # --------------------------------------------------------------------------------------------
@@ -105,7 +168,7 @@ def command_generate(args: argparse.Namespace) -> None:
         time_step_ps=args.time_step, save_interval_steps=args.save_interval, friction_per_ps=args.friction,
         equilibration_ps=args.equilibration, replicas=args.replicas, seed=args.seed, platform=args.platform,
         threads=args.threads, fix_pdb=args.fix_pdb, solvent=args.solvent, overwrite=args.overwrite,
-        progress=not args.quiet,
+        checkpoint_interval_frames=args.checkpoint_interval, progress=not args.quiet,
     )
     for path in files:
         logger.info("wrote %s", path)
@@ -136,7 +199,8 @@ def command_train_flow(args: argparse.Namespace) -> None:
         n_blocks=args.blocks, hidden_features=args.hidden, seed=args.seed, device=args.device,
         checkpoint_path=args.checkpoint, progress=not args.quiet,
     )
-    flow.save(args.out)
+    if _is_main_process():
+        flow.save(args.out)
     logger.info("wrote %s", args.out)
 
 
@@ -175,7 +239,8 @@ def command_train_ff(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, learning_rate=args.learning_rate, checkpoint_path=args.checkpoint,
         seed=args.seed, device=args.device, progress=not args.quiet,
     )
-    save_network(model, args.out)
+    if _is_main_process():
+        save_network(model, args.out)
     logger.info("wrote %s", args.out)
 
 
@@ -472,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--replicas", type=int, default=1, help="independent replicas")
     sub.add_argument("--solvent", default="implicit", choices=["implicit", "explicit", "vacuum"], help="solvent model")
     sub.add_argument("--fix-pdb", action="store_true", help="complete the structure with pdbfixer first")
+    sub.add_argument("--checkpoint-interval", type=int, default=500, help="frames between checkpoints (file writes)")
     sub.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     sub.add_argument("--seed", type=int, default=0, help="random seed")
     _add_platform(sub)
@@ -628,7 +694,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(torch_threads)
     try:
-        args.function(args)
+        with _job_guard(args):
+            args.function(args)
     except KeyboardInterrupt:
         print(f"{PROGRAM}: interrupted; run the same command again to continue", file=sys.stderr)
         return 130

@@ -17,7 +17,9 @@ This module imports nothing else of the package, so ``flows/`` and ``forcefield/
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
+import io
 import logging
 import os
 import pickle
@@ -29,7 +31,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-__all__ = ["DIGEST_KEY", "content_digest", "to_plain", "save_plain", "load_plain"]
+__all__ = [
+    "DIGEST_KEY", "FileWriteError", "content_digest", "to_plain", "save_plain", "load_plain", "write_atomically",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +105,61 @@ def _plain_mapping(value: Mapping) -> bool:
     return type(value) in (collections.OrderedDict, collections.Counter)
 
 
-def save_plain(content: dict, path: str | os.PathLike, error: Callable[[str], Exception]) -> Path:
-    """Write ``content`` plus its digest atomically (temporary file, then rename) with ``torch.save``.
+class FileWriteError(OSError):
+    """A file could not be written (full disk, no permission, ...); the previous version is kept."""
+
+
+def _write_temporary(temporary: Path, data: bytes) -> None:
+    """Write ``data`` to ``temporary`` and force it to disk (the one place output bytes are written)."""
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_failure(path: Path, problem: OSError) -> str:
+    """One line for a failed write of ``path``: a full disk is named as such."""
+    if problem.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = "no space left on device" if problem.errno == errno.ENOSPC else "disk quota exceeded"
+        return (f"cannot write {path}: {reason}; the previous version of the file (if any) is kept, so free some "
+                "space and run the same command again to continue")
+    return f"cannot write {path}: {problem.strerror or problem}; the previous version of the file (if any) is kept"
+
+
+def write_atomically(path: str | os.PathLike, data: bytes | str,
+                     error: Callable[[str], Exception] = FileWriteError) -> Path:
+    """Write ``data`` to ``path`` through ``<path>.tmp``, fsync and rename: never a half-written file.
 
     Raises
     ------
     Exception
-        ``error(message)`` when the content holds an object that needs pickle.
+        ``error(message)`` (default :class:`FileWriteError`) with one line naming the file, e.g.
+        ``"cannot write <path>: no space left on device; ..."``; the temporary file is removed and
+        an existing ``path`` is left as it was.
+    """
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_temporary(temporary, data.encode() if isinstance(data, str) else bytes(data))
+        os.replace(temporary, path)
+    except OSError as problem:
+        temporary.unlink(missing_ok=True)
+        raise error(_write_failure(path, problem)) from None
+    return path
+
+
+def save_plain(content: dict, path: str | os.PathLike, error: Callable[[str], Exception]) -> Path:
+    """Write ``content`` plus its digest atomically (temporary file, then rename) with ``torch.save``.
+
+    The content is serialised in memory first and written with :func:`write_atomically`, so a full
+    disk is reported as such (``torch.save`` to a file would say only "file write failed").
+
+    Raises
+    ------
+    Exception
+        ``error(message)`` when the content holds an object that needs pickle, or the file cannot be
+        written (e.g. ``"cannot write <path>: no space left on device; ..."``).
     """
     path = Path(path)
     try:
@@ -115,11 +167,9 @@ def save_plain(content: dict, path: str | os.PathLike, error: Callable[[str], Ex
     except TypeError as problem:
         raise error(f"cannot write {path}: {problem}") from None
     content[DIGEST_KEY] = content_digest(content)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(content, temporary)
-    os.replace(temporary, path)
-    return path
+    buffer = io.BytesIO()
+    torch.save(content, buffer)
+    return write_atomically(path, buffer.getvalue(), error)
 
 
 def _first_sentence(problem: BaseException) -> str:

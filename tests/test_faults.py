@@ -300,3 +300,223 @@ def test_a_file_of_another_kind_is_refused(genuine, tmp_path, kind):
     path = tmp_path / f"other_{kind}.pt"
     torch.save({"something": "else"}, path)
     refused(kind, path, "not a")
+
+
+# ------------------------------------------------------------------------------ a full disk
+def fill_the_disk(monkeypatch, only: str | None = None) -> list:
+    """Atomic writes (of files named ``only``, default all) now fail with ENOSPC after half their bytes."""
+    import errno
+    import os
+
+    from openmm_flowmatch import safe_files
+
+    attempts, original = [], safe_files._write_temporary
+
+    def full(temporary: pathlib.Path, data: bytes) -> None:
+        if only is not None and temporary.name != f"{only}.tmp":
+            return original(temporary, data)
+        attempts.append(temporary)
+        temporary.write_bytes(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(temporary))
+
+    monkeypatch.setattr(safe_files, "_write_temporary", full)
+    return attempts
+
+
+def simulate_chain(out: pathlib.Path, steps: int, **options):
+    from test_simulation import chain_positions, chain_system, chain_topology
+
+    from openmm_flowmatch.simulation import run_simulation
+
+    options = {"report_interval": 20, "checkpoint_interval": 100, "platform": "Reference", "progress": False,
+               "seed": 1, **options}
+    return run_simulation(chain_system(), chain_topology(), chain_positions(), out, steps, **options)
+
+
+def continue_on_a_full_disk(kind: str, checkpoint: pathlib.Path):
+    """Write a first checkpoint, then continue the job on a full disk; returns the error's type."""
+    positions = random_chains(60)
+    if kind == "ff_checkpoint":
+        return lambda: train_ff(positions, checkpoint, max_steps=2), lambda: train_ff(positions, checkpoint, 4), TrainingError
+    if kind == "flow_checkpoint":
+        return (lambda: train_small_flow(positions, checkpoint, 1), lambda: train_small_flow(positions, checkpoint, 2),
+                FlowTrainingError)
+    from openmm_flowmatch.simulation import SimulationError
+
+    directory = checkpoint.parent
+    return lambda: simulate_chain(directory, 100), lambda: simulate_chain(directory, 200), SimulationError
+
+
+@pytest.mark.parametrize("kind", ["ff_checkpoint", "flow_checkpoint", "simulation_checkpoint"])
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, kind):
+    names = {"ff_checkpoint": "ff.ckpt", "flow_checkpoint": "flow.ckpt", "simulation_checkpoint": "checkpoint_000.chk"}
+    checkpoint = tmp_path / "run" / names[kind]
+    first, then, error = continue_on_a_full_disk(kind, checkpoint)
+    first()
+    before = checkpoint.read_bytes()
+    attempts = fill_the_disk(monkeypatch, only=checkpoint.name)
+    with pytest.raises(error, match="no space left on device") as caught:
+        then()
+    message = str(caught.value)
+    assert attempts and "\n" not in message and f"cannot write {checkpoint}: no space left on device" in message, message
+    assert checkpoint.read_bytes() == before  # the previous checkpoint is untouched ...
+    assert not list(checkpoint.parent.glob("*.tmp"))  # ... and no half-written temporary is left
+    monkeypatch.undo()
+    first, then, _ = continue_on_a_full_disk(kind, checkpoint)
+    then()  # ... and the job continues from it once there is space again
+
+
+def test_full_disk_message_names_the_file(tmp_path, monkeypatch):
+    from openmm_flowmatch.safe_files import FileWriteError, write_atomically
+
+    target = tmp_path / "settings.json"
+    target.write_text("old")
+    fill_the_disk(monkeypatch)
+    with pytest.raises(FileWriteError) as caught:
+        write_atomically(target, "new")
+    assert str(caught.value) == (
+        f"cannot write {target}: no space left on device; the previous version of the file (if any) is kept, "
+        "so free some space and run the same command again to continue"
+    )
+    assert target.read_text() == "old"
+
+
+# ------------------------------------------------------------------------------ two processes, one output
+HOLDER = """
+import sys, time
+from openmm_flowmatch.locking import lock_directory, lock_file
+locks = [lock_directory(p).acquire() for p in sys.argv[1:3]] + [lock_file(p).acquire() for p in sys.argv[3:]]
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Another process holding the outputs of generate, simulate, train-flow, teacher and train-ff."""
+    import subprocess
+    import sys
+
+    outputs = {"generate": tmp_path / "reference", "simulate": tmp_path / "simulation",
+               "train-flow": tmp_path / "flow.ckpt", "teacher": tmp_path / "teacher.h5", "train-ff": tmp_path / "ff.ckpt"}
+    process = subprocess.Popen([sys.executable, "-c", HOLDER, *map(str, outputs.values())], stdout=subprocess.PIPE,
+                               text=True)
+    assert process.stdout.readline().strip() == "ready"
+    yield outputs, process
+    process.kill()
+    process.wait()
+
+
+def test_second_process_on_the_same_output_is_refused(holder, tmp_path, capsys):
+    from openmm_flowmatch import cli
+    from openmm_flowmatch.data.reference import generate_reference
+    from openmm_flowmatch.locking import OutputLockedError
+
+    outputs, process = holder
+    expected = f"is in use by another openmm-flowmatch process (PID {process.pid}: "
+    with pytest.raises(OutputLockedError) as caught:
+        generate_reference("missing.pdb", outputs["generate"])
+    assert str(caught.value).startswith(f"{outputs['generate']} {expected}") and "\n" not in str(caught.value)
+    with pytest.raises(OutputLockedError, match=expected.replace("(", r"\(")):
+        simulate_chain(outputs["simulate"], 100)
+    data = tmp_path / "data.h5"
+    commands = {
+        "train-flow": ["train-flow", str(data), "--out", str(tmp_path / "flow.pt"), "--checkpoint", str(outputs["train-flow"])],
+        "teacher": ["teacher", "flow.pt", "--out", str(outputs["teacher"]), "--temperature", "300"],
+        "train-ff": ["train-ff", str(data), "--out", str(tmp_path / "network.pt"), "--checkpoint", str(outputs["train-ff"])],
+    }
+    for name, arguments in commands.items():
+        assert cli.main(["--quiet", *arguments]) == 1
+        line = capsys.readouterr().err.strip()
+        assert line.startswith(f"openmm-flowmatch {name}: error: {outputs[name]} {expected}"), line
+        assert "\n" not in line
+
+
+def test_lock_is_released_when_its_holder_is_killed(holder):
+    from openmm_flowmatch.locking import lock_directory, lock_file
+
+    outputs, process = holder
+    process.kill()
+    process.wait()
+    with lock_directory(outputs["simulate"]), lock_file(outputs["train-ff"]):
+        pass
+    assert not (outputs["train-ff"].parent / ".ff.ckpt.lock").exists()  # file locks leave nothing behind
+
+
+# ------------------------------------------------------------------------------ changed settings on resume
+@pytest.mark.parametrize("option,value,shown", [("seed", 2, "seed: saved 1, now 2"),
+                                                ("temperature", 310.0, "temperature: saved 300.0, now 310.0")])
+def test_generate_refuses_changed_settings(tmp_path, option, value, shown):
+    from openmm_flowmatch.data.reference import ReferenceGenerationError, generate_reference
+
+    pdb = pathlib.Path(__file__).resolve().parents[1] / "openmm_flowmatch" / "resources" / "alanine_dipeptide.pdb"
+    options = dict(duration_ps=0.1, equilibration_ps=0.0, time_step_ps=0.002, save_interval_steps=10,
+                   platform="Reference", solvent="vacuum", progress=False, seed=1)
+    generate_reference(pdb, tmp_path, **options)
+    with pytest.raises(ReferenceGenerationError, match=shown) as caught:
+        generate_reference(pdb, tmp_path, **{**options, option: value})
+    assert "\n" not in str(caught.value) and "replica_000.checkpoint.json" in str(caught.value)
+
+
+@pytest.mark.parametrize("option,value", [("temperature", 320.0), ("friction", 2.0), ("seed", 7),
+                                          ("time_step", 0.001), ("report_interval", 10)])
+def test_simulate_refuses_changed_settings(tmp_path, option, value):
+    from openmm_flowmatch.simulation import SimulationError
+
+    simulate_chain(tmp_path, 100)
+    with pytest.raises(SimulationError, match=f"holds a run with {option}=") as caught:
+        simulate_chain(tmp_path, 200, **{option: value})
+    assert "\n" not in str(caught.value)
+
+
+@pytest.fixture(scope="module")
+def training_data(tmp_path_factory) -> pathlib.Path:
+    path = tmp_path_factory.mktemp("training") / "data.h5"
+    positions = random_chains(60)
+    write_cg_file(path, positions, -positions, metadata={"temperature": 300.0})
+    return path
+
+
+TRAINING_COMMANDS = {
+    "train-flow": ["--epochs", "1", "--batch-size", "20", "--blocks", "1", "--hidden", "8"],
+    "train-ff": ["--epochs", "1", "--batch-size", "20", "--width", "8", "--layers", "1", "--method", "force-matching"],
+}
+
+
+@pytest.mark.parametrize("command,option,value,setting", [
+    ("train-flow", "--learning-rate", "0.002", "learning_rate"),
+    ("train-flow", "--seed", "1", "seed"),
+    ("train-flow", "--hidden", "16", "hidden"),
+    ("train-ff", "--batch-size", "10", "batch_size"),
+    ("train-ff", "--width", "16", "width"),
+    ("train-ff", "data", None, "data"),
+])
+def test_training_commands_refuse_changed_settings(tmp_path, training_data, capsys, command, option, value, setting):
+    from openmm_flowmatch import cli
+
+    checkpoint = tmp_path / "run.ckpt"
+    arguments = [command, str(training_data), "--out", str(tmp_path / "out.pt"), "--checkpoint", str(checkpoint),
+                 *TRAINING_COMMANDS[command]]
+    assert cli.main(["--quiet", "--torch-threads", "1", *arguments]) == 0
+    if option == "data":
+        other = tmp_path / "other.h5"
+        positions = random_chains(60, seed=1)
+        write_cg_file(other, positions, -positions, metadata={"temperature": 300.0})
+        arguments[1] = str(other)
+    else:
+        arguments += [option, value]
+    capsys.readouterr()
+    assert cli.main(["--quiet", "--torch-threads", "1", *arguments]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"openmm-flowmatch {command}: error: cannot continue the run recorded in {checkpoint}.settings.json: "
+                           f"its settings changed ({setting}: was "), line
+    assert "\n" not in line
+
+
+def test_training_command_continues_with_a_longer_budget(tmp_path, training_data):
+    from openmm_flowmatch import cli
+
+    arguments = ["train-flow", str(training_data), "--out", str(tmp_path / "out.pt"), "--checkpoint",
+                 str(tmp_path / "run.ckpt"), *TRAINING_COMMANDS["train-flow"]]
+    assert cli.main(["--quiet", "--torch-threads", "1", *arguments]) == 0
+    assert cli.main(["--quiet", "--torch-threads", "1", *arguments, "--epochs", "2", "--device", "cpu"]) == 0

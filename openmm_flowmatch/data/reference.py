@@ -68,6 +68,7 @@ from typing import Any
 
 import numpy as np
 
+from ..locking import holds_directory_lock
 from ..mapping import CGMapping
 from ..units import kelvin, strip_unit
 from .storage import CGTrajectoryFile, StorageError, ensure_writable_directory
@@ -116,13 +117,13 @@ def replica_seed(seed: int, replica: int) -> int:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
-    tmp_path = path.with_name(path.name + ".tmp")
-    with open(tmp_path, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp_path, path)
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written).
+
+    A full disk fails the run with one line naming the file (the previous checkpoint is kept).
+    """
+    from ..safe_files import write_atomically  # imports torch: only when writing
+
+    write_atomically(path, text, ReferenceGenerationError)
 
 
 def _file_digest(path: Path) -> str:
@@ -581,6 +582,11 @@ class _AllAtomWriter:
 # --------------------------------------------------------------------------------------------
 
 
+def _check_output_directory(out_dir: Path) -> None:
+    ensure_writable_directory(out_dir, ReferenceGenerationError, "output directory")
+
+
+@holds_directory_lock("out_dir", check=_check_output_directory)
 def generate_reference(
     pdb: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -621,6 +627,8 @@ def generate_reference(
 
     Re-running the same call after an interruption resumes every replica from its last
     checkpoint; replicas already complete are skipped; a longer ``duration_ps`` extends them.
+    The output directory is locked while the call runs (:mod:`openmm_flowmatch.locking`): a
+    second process started on it is refused with ``OutputLockedError``.
 
     Parameters
     ----------
@@ -709,8 +717,10 @@ def generate_reference(
     ------
     ReferenceGenerationError
         For a missing/unreadable structure, a residue the force field cannot template, an
-        unwritable output directory, a checkpoint written with other settings, or a simulation
-        that blew up (non-finite coordinates).
+        unwritable output directory, a checkpoint written with other settings, a full disk, or
+        a simulation that blew up (non-finite coordinates).
+    openmm_flowmatch.locking.OutputLockedError
+        When another process is writing to ``out_dir``.
     """
     import openmm
     import openmm.unit as unit
