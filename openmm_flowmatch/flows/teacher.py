@@ -15,6 +15,12 @@ component of ≈ 387 kT/nm ≈ 966 kJ/mol/nm.
 The kept samples are written with :func:`openmm_flowmatch.data.storage.write_cg_file` (positions
 in nm, forces in kJ/mol/nm, ``time`` = sample index), so that force matching reads teacher data
 and mapped all-atom data alike.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) :func:`sample_teacher` shards the work: rank ``r`` keeps
+its share of ``n_samples`` (lower ranks take the remainder) drawn with the seed
+:func:`~openmm_flowmatch.distributed.rank_seed` ``(seed, r)`` (``seed`` itself on rank 0), and
+rank 0 writes one file with the samples in rank order; drawn and dropped counts are summed over
+the ranks.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..distributed import (
+    Ranks, check_consistent, gather_to_rank_zero, rank_seed, run_on_rank_zero, setup_distributed,
+)
 from ..units import kT as thermal_energy
 from ..units import kelvin
 from .model import CGFlow
@@ -73,6 +82,8 @@ class TeacherReport:
         Wall time of sampling with forces (not of writing).
     samples_per_second
         ``n_drawn / seconds``.
+    world_size
+        Processes that drew samples (``seconds`` is then the slowest rank's time).
     """
 
     path: Path | None
@@ -84,6 +95,7 @@ class TeacherReport:
     temperature: float
     seconds: float
     samples_per_second: float
+    world_size: int = 1
 
 
 def mean_squared_force(forces: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -199,6 +211,7 @@ def sample_teacher(
     max_draw_factor: float = 2.0,
     metadata: dict | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> TeacherReport:
     """Draw teacher samples of ``flow`` with forces, drop outliers and write them to ``out_path``.
 
@@ -229,7 +242,13 @@ def sample_teacher(
     metadata
         Extra JSON-able entries for the file's metadata (e.g. the mapping, bead names, masses).
     progress
-        Show a tqdm progress bar.
+        Show a tqdm progress bar (rank 0 only).
+    distributed
+        ``None`` (default): shard the sampling over the ranks of a ``torchrun`` job when
+        ``WORLD_SIZE > 1`` or a process group is initialised; ``False``: sample alone. Rank ``r``
+        keeps ``n_samples // K`` (+1 for ``r < n_samples % K``) samples drawn with seed
+        ``rank_seed(seed, r)``; rank 0 writes them in rank order to ``out_path``. Every rank
+        returns the same report (counts summed over ranks).
 
     Returns
     -------
@@ -242,23 +261,28 @@ def sample_teacher(
     the xy-plane); forces are rotation-equivariant and sum to zero, so a rotation-invariant force
     field is trained on them as on any other frame. The file's metadata holds ``source =
     "flow-teacher"``, ``temperature`` (K), ``n_samples``, ``n_drawn``, ``dropped_fraction``,
-    ``force_threshold`` and its unit, ``seed`` and the flow's architecture.
+    ``force_threshold`` and its unit, ``seed`` and the flow's architecture; a sharded run adds
+    ``world_size``, ``rank_seeds`` and ``rank_samples`` (samples of each rank, in file order).
     """
     temperature = kelvin(temperature)
-    positions, forces, stats = draw_teacher_samples(
-        flow,
-        n_samples,
-        temperature,
-        batch_size=batch_size,
-        force_threshold=force_threshold,
-        seed=seed,
-        max_draw_factor=max_draw_factor,
-        progress=progress,
-    )
+    ranks = setup_distributed(flow.center.device, distributed)
+    options = dict(batch_size=batch_size, force_threshold=force_threshold, max_draw_factor=max_draw_factor)
+    if ranks.active:
+        return _sample_sharded(flow, n_samples, out_path, temperature, seed, options, metadata, progress, ranks)
+    positions, forces, stats = draw_teacher_samples(flow, n_samples, temperature, seed=seed, progress=progress,
+                                                    **options)
+    report = _report(len(positions), stats, force_threshold, temperature)
+    if out_path is not None:
+        report.path = _write(out_path, positions, forces, report, flow, seed, metadata, {})
+    return report
+
+
+def _report(n_kept: int, stats: dict, force_threshold: float, temperature: float, world_size: int = 1) -> TeacherReport:
+    """The report of ``n_kept`` samples out of ``stats["n_drawn"]``, logged at INFO level."""
     n_drawn, n_dropped, seconds = stats["n_drawn"], stats["n_dropped"], stats["seconds"]
     report = TeacherReport(
         path=None,
-        n_samples=len(positions),
+        n_samples=n_kept,
         n_drawn=n_drawn,
         n_dropped=n_dropped,
         dropped_fraction=n_dropped / n_drawn,
@@ -266,27 +290,77 @@ def sample_teacher(
         temperature=temperature,
         seconds=seconds,
         samples_per_second=n_drawn / seconds if seconds > 0 else math.inf,
+        world_size=world_size,
     )
     logger.info(
         "teacher: kept %d of %d samples (dropped %d, %.3f%%) at threshold %g (kT/nm)^2, %.0f samples/s",
         report.n_samples, n_drawn, n_dropped, 100 * report.dropped_fraction, force_threshold, report.samples_per_second,
     )
-    if out_path is not None:
-        from ..data.storage import write_cg_file
-
-        file_metadata = dict(metadata or {})
-        file_metadata.update(
-            source="flow-teacher",
-            temperature=temperature,
-            n_samples=report.n_samples,
-            n_drawn=n_drawn,
-            dropped_fraction=report.dropped_fraction,
-            force_threshold=float(force_threshold),
-            force_threshold_unit="(kT/nm)^2, mean over beads and x,y,z of (F/kT)^2",
-            force_unit="kJ/mol/nm",
-            position_unit="nm",
-            seed=int(seed),
-            flow_config=asdict(flow.config),
-        )
-        report.path = Path(write_cg_file(out_path, positions, forces, time=None, metadata=file_metadata))
     return report
+
+
+def _write(out_path: str | Path, positions: np.ndarray, forces: np.ndarray, report: TeacherReport, flow: CGFlow,
+           seed: int, metadata: dict | None, extra: dict) -> Path:
+    """Write the kept samples with the documented metadata; return the path."""
+    from ..data.storage import write_cg_file
+
+    file_metadata = dict(metadata or {})
+    file_metadata.update(
+        source="flow-teacher",
+        temperature=report.temperature,
+        n_samples=report.n_samples,
+        n_drawn=report.n_drawn,
+        dropped_fraction=report.dropped_fraction,
+        force_threshold=report.force_threshold,
+        force_threshold_unit="(kT/nm)^2, mean over beads and x,y,z of (F/kT)^2",
+        force_unit="kJ/mol/nm",
+        position_unit="nm",
+        seed=int(seed),
+        flow_config=asdict(flow.config),
+        **extra,
+    )
+    return Path(write_cg_file(out_path, positions, forces, time=None, metadata=file_metadata))
+
+
+def _sample_sharded(flow: CGFlow, n_samples: int, out_path: str | Path | None, temperature: float, seed: int,
+                    options: dict, metadata: dict | None, progress: bool, ranks: Ranks) -> TeacherReport:
+    """Each rank draws its share with its own seed; rank 0 merges in rank order and writes."""
+    if n_samples < 1:
+        raise TeacherError(f"n_samples must be ≥ 1, got {n_samples}")
+    check_consistent(
+        {"flow parameters": flow.state_dict(), "flow": asdict(flow.config),
+         "settings": dict(options, n_samples=n_samples, temperature=temperature, seed=seed, out_path=str(out_path))},
+        ranks, "teacher sampling",
+    )
+    gathered = gather_to_rank_zero(_draw_share(flow, n_samples, temperature, seed, options, progress, ranks), ranks)
+
+    def merge_and_write() -> TeacherReport:
+        failures = [part for part in gathered if isinstance(part, str)]
+        if failures:
+            raise TeacherError("; ".join(failures))
+        positions = np.concatenate([part[0] for part in gathered])
+        forces = np.concatenate([part[1] for part in gathered])
+        stats = {name: sum(part[2][name] for part in gathered) for name in ("n_drawn", "n_dropped")}
+        stats["seconds"] = max(part[2]["seconds"] for part in gathered)
+        report = _report(len(positions), stats, options["force_threshold"], temperature, ranks.world_size)
+        if out_path is not None:
+            extra = dict(world_size=ranks.world_size, rank_seeds=[rank_seed(seed, r) for r in range(ranks.world_size)],
+                         rank_samples=[len(part[0]) for part in gathered])
+            report.path = _write(out_path, positions, forces, report, flow, seed, metadata, extra)
+        return report
+
+    return run_on_rank_zero(merge_and_write, ranks)
+
+
+def _draw_share(flow: CGFlow, n_samples: int, temperature: float, seed: int, options: dict, progress: bool,
+                ranks: Ranks) -> tuple | str:
+    """This rank's ``(positions, forces, stats)``, or the message of its ``TeacherError``."""
+    share = ranks.share(n_samples)
+    if share == 0:
+        empty = np.zeros((0, flow.config.n_beads, 3), dtype=np.float32)
+        return empty, empty.copy(), {"n_drawn": 0, "n_dropped": 0, "seconds": 0.0}
+    try:
+        return draw_teacher_samples(flow, share, temperature, seed=rank_seed(seed, ranks.rank),
+                                    progress=progress and ranks.is_main, **options)
+    except TeacherError as error:
+        return f"rank {ranks.rank}: {error}"

@@ -6,6 +6,10 @@ with the best validation NLL. With ``checkpoint_path`` it writes a checkpoint af
 (model, optimizer, learning-rate schedule, shuffling generator, early-stopping state, history) and
 resumes from it: an interrupted run that is resumed ends with the same weights as an
 uninterrupted one (same seed, same platform).
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) each rank takes its share of the same global batch and
+the gradients are summed with one ``all_reduce`` per step, so K processes give the one-process
+result at the same ``batch_size``; rank 0 writes the checkpoint (see docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..distributed import (
+    SINGLE_PROCESS, Ranks, all_reduce_gradients, check_consistent, resolve_device, setup_distributed, sum_over_chunks,
+)
 from ..safe_files import load_plain, save_plain
 from .model import CGFlow, FlowConfig
 
@@ -70,15 +77,26 @@ def negative_log_likelihood(flow: CGFlow, positions: Any, batch_size: int = 4096
         The mean over finite log-densities, and the number of frames outside the support
         (``log q = −inf``), which the mean leaves out.
     """
-    positions = torch.as_tensor(_positions_of(positions, "positions"))
-    total, count, outside = 0.0, 0, 0
-    for start in range(0, len(positions), batch_size):
-        batch = positions[start : start + batch_size].to(device=flow.center.device, dtype=flow.center.dtype)
-        log_q = flow.log_prob(batch)
+    return _chunked_nll(flow, torch.as_tensor(_positions_of(positions, "positions")), batch_size, SINGLE_PROCESS)
+
+
+@torch.no_grad()
+def _chunked_nll(flow: CGFlow, positions: torch.Tensor, batch_size: int, ranks: Ranks) -> tuple[float, int]:
+    """:func:`negative_log_likelihood` with the chunks spread over the ranks (same value everywhere)."""
+
+    def chunk_sums(index: int) -> list[float]:
+        batch = positions[index * batch_size : (index + 1) * batch_size]
+        log_q = flow.log_prob(batch.to(device=flow.center.device, dtype=flow.center.dtype))
         finite = torch.isfinite(log_q)
-        outside += int((~finite).sum())
-        total += float(-log_q[finite].sum())
-        count += int(finite.sum())
+        return [float(-log_q[finite].sum()), int(finite.sum()), int((~finite).sum())]
+
+    total, count, outside = 0.0, 0, 0
+    for chunk_total, chunk_count, chunk_outside in sum_over_chunks(
+        math.ceil(len(positions) / batch_size), chunk_sums, 3, ranks
+    ):
+        total += chunk_total
+        count += int(chunk_count)
+        outside += int(chunk_outside)
     return (total / count if count else math.inf), outside
 
 
@@ -122,6 +140,7 @@ def train_flow(
     device: str | torch.device | None = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> CGFlow:
     """Train a :class:`CGFlow` on CG configurations by maximum likelihood.
 
@@ -166,7 +185,12 @@ def train_flow(
     dtype
         Floating-point type of the flow's weights and of training.
     progress
-        Show a tqdm progress bar over epochs.
+        Show a tqdm progress bar over epochs (rank 0 only).
+    distributed
+        ``None`` (default): data-parallel over the ranks of a ``torchrun`` job when
+        ``WORLD_SIZE > 1`` or a process group is initialised; ``False``: train alone. Every rank
+        takes its share of the same global batch of ``batch_size`` frames, so the result equals
+        one process; all ranks must get the same data and arguments (else ``DistributedError``).
 
     Returns
     -------
@@ -194,6 +218,8 @@ def train_flow(
     if batch_size < 1 or epochs < 1 or patience < 1:
         raise FlowTrainingError("batch_size, epochs and patience must be ≥ 1")
     device = _resolve_device(device)
+    ranks = setup_distributed(device, distributed)
+    device = resolve_device(device, ranks)
 
     config = dict(n_blocks=n_blocks, bins=bins, hidden_features=hidden_features, hidden_layers=hidden_layers, margin=margin)
     if flow is None:
@@ -219,30 +245,33 @@ def train_flow(
 
     train_tensor = torch.as_tensor(train).to(device=device, dtype=dtype)
     validation_tensor = torch.as_tensor(validation)
-    bar = tqdm(total=epochs, initial=state["epoch"], desc="flow training", unit="epoch", disable=not progress)
+    settings = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, decay=learning_rate_decay,
+                    weight_decay=weight_decay, gradient_clip=gradient_clip, patience=patience,
+                    min_improvement=min_improvement, seed=seed, dtype=str(dtype), checkpoint=str(checkpoint_path))
+    check_consistent(
+        {"training data": train, "validation data": validation, "training data shape": train.shape,
+         "validation data shape": validation.shape, "flow": dataclasses.asdict(flow.config),
+         "initial parameters": flow.state_dict(), "configuration": settings, "checkpoint epoch": state["epoch"]},
+        ranks, "flow training",
+    )
+    bar = tqdm(total=epochs, initial=state["epoch"], desc="flow training", unit="epoch",
+               disable=not (progress and ranks.is_main))
     while state["epoch"] < epochs and not state["done"]:
         started = time.perf_counter()
         flow.train()
         order = torch.randperm(len(train_tensor), generator=shuffle).to(device)
         total, count = 0.0, 0
         for start in range(0, len(order), batch_size):
-            batch = train_tensor[order[start : start + batch_size]]
-            log_q = flow.log_prob(batch)
-            if not torch.isfinite(log_q).all():
-                raise FlowTrainingError(
-                    "a training frame has log q = −inf (outside the flow's bond/angle intervals): the "
-                    "flow was fitted to other data; build it from these training frames"
-                )
-            loss = -log_q.mean()
+            batch = order[start : start + batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = _batch_gradients(flow, train_tensor, batch, ranks)
             if gradient_clip is not None:
                 torch.nn.utils.clip_grad_norm_(flow.parameters(), gradient_clip)
             optimizer.step()
-            total += float(loss.detach()) * len(batch)
+            total += loss * len(batch)
             count += len(batch)
         flow.eval()
-        validation_nll, outside = negative_log_likelihood(flow, validation_tensor)
+        validation_nll, outside = _chunked_nll(flow, validation_tensor, 4096, ranks)
         learning_rate_now = optimizer.param_groups[0]["lr"]
         scheduler.step()
         state["epoch"] += 1
@@ -272,7 +301,7 @@ def train_flow(
             "epoch %d: train NLL %.4f, validation NLL %.4f, %.1f s",
             record["epoch"], record["train_nll"], validation_nll, record["seconds"],
         )
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and ranks.is_main:
             _save_checkpoint(checkpoint_path, flow, optimizer, scheduler, shuffle, state)
         bar.set_postfix(train=f"{record['train_nll']:.3f}", validation=f"{validation_nll:.3f}")
         bar.update(1)
@@ -283,6 +312,35 @@ def train_flow(
     flow.eval()
     flow.training_history = list(state["history"])
     return flow
+
+
+OUTSIDE_SUPPORT_MESSAGE = (
+    "a training frame has log q = −inf (outside the flow's bond/angle intervals): the flow was fitted to other "
+    "data; build it from these training frames"
+)
+
+
+def _batch_gradients(flow: CGFlow, frames: torch.Tensor, batch: torch.Tensor, ranks: Ranks) -> float:
+    """Back-propagate −mean log q over the global ``batch`` of frame indices; return the loss.
+
+    On K ranks each takes its share, weights its mean by ``n_local / n_global`` and the gradients
+    are summed; a frame outside the support on any rank raises on every rank.
+    """
+    local = ranks.shard(batch)
+    value, outside = 0.0, 0.0
+    if local.numel():
+        log_q = flow.log_prob(frames[local])
+        if torch.isfinite(log_q).all():
+            loss = -log_q.mean() * (local.numel() / batch.numel()) if ranks.active else -log_q.mean()
+            loss.backward()
+            value = float(loss.detach())
+        else:
+            outside = 1.0
+    if ranks.active:
+        value, outside = all_reduce_gradients(flow.parameters(), ranks, [value, outside])
+    if outside:
+        raise FlowTrainingError(OUTSIDE_SUPPORT_MESSAGE)
+    return value
 
 
 CHECKPOINT_KIND = "openmm_flowmatch.train_flow checkpoint"

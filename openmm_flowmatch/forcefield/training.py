@@ -18,6 +18,11 @@ then cast) and the forces are −Jᵀ ∂U/∂φ, with the double back-propagati
 Budgets and patience can be given in optimiser steps (``max_steps``, ``patience_steps``,
 ``validation_interval``); checkpoints hold the position inside the epoch, so a resumed run gives
 the uninterrupted result.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) every rank takes its share of the same global batch and
+the gradients are summed with one ``all_reduce`` per step (no DistributedDataParallel, which does
+not support the double back-propagation), so K processes give the one-process result at the same
+global batch; see :mod:`openmm_flowmatch.distributed` and docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..distributed import (
+    SINGLE_PROCESS, Ranks, all_reduce_gradients, check_consistent, resolve_device, setup_distributed, sum_over_chunks,
+)
 from .features import DEFAULT_FEATURE_SET, InvariantFeatures, feature_set_options
 from .networks import CGNet
 
@@ -316,6 +324,7 @@ def train_force_field(
     precompute_features: Optional[bool] = None,
     feature_memory_limit: float = DEFAULT_FEATURE_MEMORY_LIMIT,
     progress: bool = True,
+    distributed: Optional[bool] = None,
 ) -> nn.Module:
     """Train a CG network energy by force matching.
 
@@ -404,7 +413,14 @@ def train_force_field(
         Bytes (default 2e9) the Jacobians of training and validation frames may take; above it
         training falls back to the slower path with a warning.
     progress
-        Show a tqdm progress bar over optimiser steps.
+        Show a tqdm progress bar over optimiser steps (rank 0 only).
+    distributed
+        ``None`` (default): data-parallel over the ranks of a ``torchrun`` job when
+        ``WORLD_SIZE > 1`` or a process group is initialised (gloo on CPU, nccl on CUDA, see
+        :func:`~openmm_flowmatch.distributed.setup_distributed`); ``False``: train alone. Each
+        rank takes ``batch_size / K`` frames (remainders spread exactly) of the same global
+        batch, so the result equals one process with the same ``batch_size``. Every rank must get
+        the same data and arguments; rank 0 writes the checkpoint, which all ranks resume from.
 
     Returns
     -------
@@ -418,7 +434,12 @@ def train_force_field(
     TrainingError
         Missing forces, inconsistent shapes, non-finite data, a bead count the model does not
         take, an unknown ``method`` or schedule, or an unreadable checkpoint.
+    DistributedError
+        Ranks of a distributed run that were handed different data, arguments or models, or
+        resumed from different checkpoints.
     """
+    ranks = setup_distributed(device, distributed)
+    device = resolve_device(device, ranks)
     _check_arguments(method, epochs, max_steps, batch_size, learning_rate, learning_rate_schedule, validation_interval)
     (train_positions, train_forces), (validation_positions, validation_forces) = _split_data(
         data, validation_data, validation_fraction
@@ -468,15 +489,22 @@ def train_force_field(
     checkpoint = Path(checkpoint_path) if checkpoint_path is not None else None
     if checkpoint is not None and resume and checkpoint.exists():
         run.restore(_load_checkpoint(checkpoint), fingerprint, checkpoint, model, optimizer, scheduler, steps_per_epoch)
+    settings = dict(batch_size=batch_size, total_steps=total_steps, interval=interval, patience=patience,
+                    learning_rate=learning_rate, schedule=schedule_name, factor=learning_rate_factor,
+                    schedule_patience=learning_rate_patience, minimum_learning_rate=minimum_learning_rate,
+                    weight_decay=weight_decay, minimum_improvement=minimum_improvement, dtype=str(dtype),
+                    precompute=precompute, checkpoint=str(checkpoint))
+    check_consistent(_agreement(train, validation, model, fingerprint | settings, run), ranks, "force-field training")
     if run.history.get("initial_validation_loss") is None:
-        run.history["initial_validation_loss"] = [_evaluate(model, validation, batch_size)]
+        run.history["initial_validation_loss"] = [_evaluate(model, validation, batch_size, ranks)]
 
     started = time.perf_counter()
     _training_loop(
         run, model, optimizer, scheduler, train, validation,
         dict(batch_size=batch_size, total_steps=total_steps, interval=interval, patience=patience,
              minimum_improvement=minimum_improvement, plateau=schedule_name == "plateau",
-             steps_per_epoch=steps_per_epoch, checkpoint=checkpoint, fingerprint=fingerprint, progress=progress),
+             steps_per_epoch=steps_per_epoch, checkpoint=checkpoint, fingerprint=fingerprint, progress=progress,
+             ranks=ranks),
     )
     model.load_state_dict(run.best_state)
     model.eval()
@@ -499,6 +527,7 @@ def train_force_field(
         "weight_decay": float(weight_decay),
         "dtype": str(dtype).replace("torch.", ""),
         "precomputed_features": bool(precompute),
+        "world_size": int(ranks.world_size),
         "temperature": _temperature_of(data),
         "loss": "mean squared force error, (kJ/mol/nm)^2",
         "initial_validation_loss": float(run.history["initial_validation_loss"][0]),
@@ -603,20 +632,21 @@ def _training_loop(run: _RunState, model: nn.Module, optimizer: Any, scheduler: 
 
     total_steps = settings["total_steps"]
     remaining = 0 if run.stopped_early else max(0, total_steps - run.step)
-    bar = tqdm(total=remaining, desc="force matching", unit="step", disable=not settings["progress"], leave=False)
+    ranks = settings["ranks"]
+    bar = tqdm(total=remaining, desc="force matching", unit="step", leave=False,
+               disable=not (settings["progress"] and ranks.is_main))
     total, count = 0.0, 0
     model.train()
     while run.step < total_steps and not run.stopped_early:
         batch = run.next_batch(len(train), settings["batch_size"])
         optimizer.zero_grad(set_to_none=True)
-        loss = train.loss(model, batch, create_graph=True)
-        loss.backward()
+        loss = _batch_gradients(model, train, batch, ranks)
         optimizer.step()
         if hasattr(model, "project_lipschitz"):
             model.project_lipschitz()
         if not settings["plateau"]:
             scheduler.step()
-        total, count = total + float(loss.detach()) * batch.numel(), count + batch.numel()
+        total, count = total + loss * batch.numel(), count + batch.numel()
         run.step += 1
         bar.update(1)
         if run.step % settings["interval"] == 0 or run.step == total_steps:
@@ -627,10 +657,45 @@ def _training_loop(run: _RunState, model: nn.Module, optimizer: Any, scheduler: 
     bar.close()
 
 
+def _batch_gradients(model: nn.Module, train: _ForceData, batch: Tensor, ranks: Ranks) -> float:
+    """Back-propagate the mean loss of the global ``batch``; return it (summed over ranks).
+
+    On K ranks each takes its share and weights its mean by ``n_local / n_global``; the summed
+    gradient is the gradient of the global mean.
+    """
+    if not ranks.active:
+        loss = train.loss(model, batch, create_graph=True)
+        loss.backward()
+        return float(loss.detach())
+    local = ranks.shard(batch)
+    value = 0.0
+    if local.numel():
+        loss = train.loss(model, local, create_graph=True) * (local.numel() / batch.numel())
+        loss.backward()
+        value = float(loss.detach())
+    (summed,) = all_reduce_gradients(model.parameters(), ranks, [value])
+    return summed
+
+
+def _agreement(train: _ForceData, validation: _ForceData, model: nn.Module, configuration: dict,
+               run: _RunState) -> dict:
+    """What every rank of a distributed run must share: data, model, configuration, resumed step."""
+    return {
+        "training data shape": tuple(train.residual.shape),
+        "validation data shape": tuple(validation.residual.shape),
+        "training data": (train.positions, train.residual),
+        "validation data": (validation.positions, validation.residual),
+        "model": model.config() if hasattr(model, "config") else type(model).__name__,
+        "initial parameters": model.state_dict(),
+        "configuration": configuration,
+        "checkpoint step": int(run.step),
+    }
+
+
 def _validate(run: _RunState, model: nn.Module, optimizer: Any, scheduler: Any, validation: _ForceData,
               train_loss: float, settings: dict) -> None:
     """Record losses, update the best state, the plateau schedule and early stopping; checkpoint."""
-    validation_loss = _evaluate(model, validation, settings["batch_size"])
+    validation_loss = _evaluate(model, validation, settings["batch_size"], settings["ranks"])
     if settings["plateau"]:
         scheduler.step(validation_loss)
     steps_since = run.step - (run.history["step"][-1] if run.history["step"] else 0)
@@ -647,7 +712,7 @@ def _validate(run: _RunState, model: nn.Module, optimizer: Any, scheduler: Any, 
     logger.info("step %d: train %.6g, validation %.6g (kJ/mol/nm)^2", run.step, train_loss, validation_loss)
     patience = settings["patience"]
     run.stopped_early = patience > 0 and run.steps_without_improvement >= patience
-    if settings["checkpoint"] is not None:
+    if settings["checkpoint"] is not None and settings["ranks"].is_main:
         _save_checkpoint(
             settings["checkpoint"],
             {
@@ -673,12 +738,20 @@ def _default_model(positions: np.ndarray, bonds: Any, model_kwargs: dict, seed: 
         return CGNet(features, **kwargs)
 
 
-def _evaluate(model: nn.Module, data: _ForceData, batch_size: int) -> float:
-    """Mean squared force error over a data set, (kJ/mol/nm)²."""
+def _evaluate(model: nn.Module, data: _ForceData, batch_size: int, ranks: Ranks = SINGLE_PROCESS) -> float:
+    """Mean squared force error over a data set, (kJ/mol/nm)².
+
+    The chunks are spread over the ranks and their sums added in chunk order, so the value is
+    the same on every rank and equal to the one-process value.
+    """
     model.eval()
-    total = 0.0
-    for start in range(0, len(data), batch_size):
-        chunk = slice(start, min(start + batch_size, len(data)))
+
+    def chunk_total(index: int) -> list[float]:
+        chunk = slice(index * batch_size, min((index + 1) * batch_size, len(data)))
         loss = data.loss(model, chunk, create_graph=False)
-        total += float(loss.detach()) * (chunk.stop - chunk.start)
+        return [float(loss.detach()) * (chunk.stop - chunk.start)]
+
+    total = 0.0
+    for (value,) in sum_over_chunks(math.ceil(len(data) / batch_size), chunk_total, 1, ranks):
+        total += value
     return total / len(data)
