@@ -162,7 +162,7 @@ def measure(label: str, artifact: Path, reference: np.ndarray, arguments, work: 
         production_time=arguments.production_time, platform="CPU", platform_properties={"Threads": "1"},
         seed=arguments.seed, progress=False).to_dict())
     sound = record["time_steps"].get("largest_sound_time_step")
-    steps = sorted({0.001} | ({sound} if sound else set()) | ({0.002} if sound and sound >= 0.002 else set()))
+    steps = sorted({0.001} | ({sound} if sound else set())) if arguments.phi_psi_time > 0 else []
     record["phi_psi"] = [cached(unit / f"phi_psi_{int(round(dt * 1e4))}.json",
                                 lambda dt=dt: phi_psi_metrics(force_field, reference, dt, arguments, unit / f"md_{dt}"))
                          for dt in steps]
@@ -253,6 +253,28 @@ def plot(records: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def markdown(summary: list[dict]) -> str:
+    """The docs' tables: kinetic T (± se) and largest bond width ratio per step; sound step; φ/ψ."""
+    steps = sorted({key for row in summary for key in row["time_steps"]}, key=lambda k: float(k.split()[0]))
+    header = "| model | max bond curvature (kJ/mol/nm²) | " + " | ".join(f"T / bond width, {k}" for k in steps)
+    lines = [header + " | sound step | φ/ψ JS (FES MSE) |", "|---" * (len(steps) + 4) + "|"]
+    for row in summary:
+        cells = []
+        for key in steps:
+            cell = row["time_steps"].get(key)
+            if not cell or cell.get("blew_up"):
+                cells.append("blew up" if cell else "–")
+                continue
+            cells.append(f"{cell['kinetic_temperature']:.0f} ± {cell['kinetic_temperature_error']:.0f} K / "
+                         f"×{cell['bond_width_ratio_max']:.2f}")
+        js = "; ".join(f"{step}: {value['js_divergence']:.3f} ({value['fes_mse']:.2f})"
+                       for step, value in row["phi_psi"].items()) or "–"
+        sound = row["largest_sound_time_step_fs"]
+        lines.append(f"| {row['label']} | {max(row['bond_curvature_kJ_mol_nm2']):.2g} | " + " | ".join(cells)
+                     + f" | {f'{sound:g} fs' if sound else 'none'} | {js} |")
+    return "\n".join(lines)
+
+
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="directory of runs with chunk_*.npz (x, f)")
@@ -263,9 +285,11 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--replicas", type=int, default=64)
     parser.add_argument("--time-steps", type=float, nargs="+", default=[1, 2, 3, 4, 5], help="fs")
     parser.add_argument("--production-time", type=float, default=20.0, help="ps per replica and time step")
-    parser.add_argument("--phi-psi-time", type=float, default=50.0, help="ps per replica for the φ/ψ runs")
+    parser.add_argument("--phi-psi-time", type=float, default=50.0,
+                        help="ps per replica for the φ/ψ runs at 1 fs and at the largest sound step (0: none)")
     parser.add_argument("--artifact", action="append", default=[], help="LABEL=PATH of another artifact to measure")
     parser.add_argument("--skip-training", action="store_true", help="measure only the --artifact files")
+    parser.add_argument("--markdown", action="store_true", help="print the docs' table")
     parser.add_argument("--long-run-steps", type=int, default=0, help="steps of the long single-replica run (0: none)")
     parser.add_argument("--long-run-time-step", type=float, default=0.004, help="ps")
     parser.add_argument("--long-run-backend", default="native", help="network backend of the long run")
@@ -278,6 +302,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import torch
+
+    torch.set_num_threads(1)  # TorchForce's libtorch otherwise takes every core: one thread, like OpenMM's
     started = time.perf_counter()
     config = protocol.ProtocolConfig(seeds=[arguments.seed])
     split = protocol.load_split(arguments.data, config)
@@ -310,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(arguments.results / "time_step.json", result)
     plot(records, arguments.results / "time_step.png")
     logger.info("wrote %s", arguments.results / "time_step.json")
+    if arguments.markdown:
+        print(markdown(result["summary"]))
     return 0
 
 

@@ -70,7 +70,7 @@ class DemoSizes:
     replicas: int = 32
     simulation_steps: int = 10000
     time_step_ps: float = 0.004  # sound for this model: benchmarks/results/time_step.json
-    report_interval: int = 100
+    report_interval: int = 25  # a frame every 0.1 ps
     temperature: float = 300.0
     seed: int = 0
 
