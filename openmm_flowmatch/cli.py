@@ -262,6 +262,24 @@ def command_export(args: argparse.Namespace) -> None:
     logger.info("wrote %s", path)
 
 
+def _rank_part_of_simulation(args: argparse.Namespace, starts, properties: dict):
+    """Under torchrun or srun: this rank's replicas, output folder, seed and GPU (args updated)."""
+    from openmm_flowmatch.distributed import environment_ranks, rank_seed, replica_slice
+
+    ranks = environment_ranks()
+    if not ranks.active:
+        return starts
+    part = replica_slice(args.replicas, ranks)
+    args.out = str(Path(args.out) / f"rank_{ranks.rank:03d}")
+    args.seed = rank_seed(args.seed, ranks.rank)
+    args.replicas = part.stop - part.start
+    if (args.platform or "").upper() in ("CUDA", "OPENCL", "HIP"):
+        properties["DeviceIndex"] = str(ranks.local_rank)
+    logger.info("rank %d of %d: replicas %d-%d into %s (seed %d)", ranks.rank, ranks.world_size, part.start,
+                part.stop - 1, args.out, args.seed)
+    return None if starts is None else starts[part]
+
+
 def command_simulate(args: argparse.Namespace) -> None:
     import numpy as np
 
@@ -271,7 +289,9 @@ def command_simulate(args: argparse.Namespace) -> None:
     if args.start_from:
         frames = _read_data([args.start_from])["positions"]
         starts = frames[np.linspace(0, len(frames) - 1, args.replicas).astype(int)]
-    properties = {"Threads": str(args.threads)} if args.threads else None
+    properties = {"Threads": str(args.threads)} if args.threads else {}
+    starts = _rank_part_of_simulation(args, starts, properties)
+    properties = properties or None
     if args.time_step is None:
         from openmm_flowmatch.export import FlowMatchForceField
 
@@ -337,6 +357,7 @@ def _load_many(paths: Sequence[str], topology: str | None, skip_fraction: float)
         path = Path(name)
         if path.is_dir():
             files = sorted(path.glob("replica_*.dcd")) + sorted(path.glob("replica_*.xtc")) + sorted(path.glob("replica_*.h5"))
+            files = files or sorted(part for part in path.glob("rank_*") if part.is_dir())  # a simulate ensemble
             if not files:
                 raise CLIError(f"{path}: no replica_* trajectories or data files in this directory")
             arrays.extend(_load_many([str(f) for f in files], topology, skip_fraction))

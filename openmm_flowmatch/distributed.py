@@ -424,3 +424,45 @@ def gather_to_rank_zero(value: Any, ranks: Ranks) -> Optional[list]:
     gathered: Optional[list] = [None] * ranks.world_size if ranks.is_main else None
     dist.gather_object(value, gathered, dst=0)
     return gathered
+
+
+# ------------------------------------------------------------------------ ensembles without a group
+def environment_ranks() -> Ranks:
+    """This process's place in a multi-process job, read from the launcher's environment.
+
+    Independent simulation replicas need no process group: ``torchrun`` sets ``RANK``,
+    ``WORLD_SIZE`` and ``LOCAL_RANK``; SLURM's ``srun`` sets ``SLURM_PROCID``, ``SLURM_NTASKS``
+    and ``SLURM_LOCALID`` (used when the ``torchrun`` variables are absent). One process otherwise.
+
+    Raises
+    ------
+    DistributedError
+        If the variables are not integers or the rank is outside ``0 … world_size − 1``.
+    """
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK") if "WORLD_SIZE" in os.environ else (
+        "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+    try:
+        rank, world_size = int(os.environ.get(names[0], "0")), int(os.environ.get(names[1], "1"))
+        local_rank = int(os.environ.get(names[2], rank))
+    except ValueError:
+        raise DistributedError(f"{', '.join(names)} must be integers, got "
+                               f"{[os.environ.get(name) for name in names]}") from None
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DistributedError(f"{names[0]}={rank} is not a rank of {names[1]}={world_size}")
+    return Ranks(rank, world_size, local_rank)
+
+
+def replica_slice(total: int, ranks: Ranks) -> slice:
+    """The replicas ``start:stop`` of ``total`` that rank ``ranks.rank`` simulates (in rank order).
+
+    Raises
+    ------
+    DistributedError
+        If there are fewer replicas than ranks (a rank would have nothing to do).
+    """
+    if total < ranks.world_size:
+        raise DistributedError(
+            f"{total} replicas cannot be split over {ranks.world_size} processes; ask for at least one replica per process"
+        )
+    start = sum(Ranks(rank, ranks.world_size).share(total) for rank in range(ranks.rank))
+    return slice(start, start + ranks.share(total))

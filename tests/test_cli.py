@@ -244,3 +244,39 @@ def test_simulate_takes_the_recorded_sound_step_and_the_native_backend(work, tmp
         assert info["time_step"] == pytest.approx(0.0015)
         frames[backend] = mdtraj.load(str(out / "replica_000.dcd"), top=pdb).xyz
     np.testing.assert_allclose(frames["native"], frames["torchforce"], atol=1e-5)
+
+
+def test_simulate_splits_replicas_over_ranks_and_each_rank_resumes(work, tmp_path):
+    """Under torchrun/srun (RANK, WORLD_SIZE in the environment) `simulate` runs this rank's share
+    of the replicas (5 over 2 ranks: 3 + 2) into out/rank_XXX with a rank-derived seed; re-running
+    the same command continues each rank's own checkpoints without duplicating frames."""
+    import os
+    import subprocess
+    import sys
+
+    import mdtraj
+
+    directory, _ = work
+    pdb = str(directory / "simulation" / "topology.pdb")
+    out = tmp_path / "ensemble"
+
+    def run_rank(rank: int, steps: int) -> None:
+        environment = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+        command = [sys.executable, "-m", "openmm_flowmatch.cli", "simulate", str(directory / "forcefield.pt"), pdb,
+                   "--out", str(out), "--replicas", "5", "--steps", str(steps), "--report-interval", "20",
+                   "--time-step", "0.001", "--platform", "CPU", "--threads", "1", "--quiet"]
+        subprocess.run(command, check=True, env=environment, capture_output=True, timeout=300)
+
+    for rank in (0, 1):
+        run_rank(rank, 40)
+    run_rank(1, 80)  # rank 1 continues to 80 steps; rank 0 is left at 40
+    counts = {rank: sorted(p.name for p in (out / f"rank_{rank:03d}").glob("replica_*.dcd")) for rank in (0, 1)}
+    assert counts == {0: [f"replica_{i:03d}.dcd" for i in range(3)], 1: [f"replica_{i:03d}.dcd" for i in range(2)]}
+    frames = {rank: mdtraj.load(str(out / f"rank_{rank:03d}" / "replica_000.dcd"), top=pdb).xyz for rank in (0, 1)}
+    assert len(frames[0]) == 2 and len(frames[1]) == 4
+    seeds = [json.loads((out / f"rank_{rank:03d}" / "simulation.json").read_text())["seed"] for rank in (0, 1)]
+    assert seeds[0] == 0 and seeds[1] != 0
+    with pytest.raises(Exception, match="cannot be split"):
+        from openmm_flowmatch.distributed import Ranks, replica_slice
+
+        replica_slice(1, Ranks(0, 2))
