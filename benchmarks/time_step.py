@@ -121,6 +121,32 @@ def bond_curvature(force_field: Any, frames: np.ndarray, span: float = 0.01, poi
     return result
 
 
+def teacher_force_scan(flow_path: Path, frame: np.ndarray, bond: int = 0, span: float = 0.01,
+                       points: int = 2001) -> dict:
+    """The flow's force along one CG bond, beads beyond it moved along it (±``span`` nm).
+
+    A rational-quadratic spline is C¹: log q's gradient jumps where the bond crosses a knot. The
+    largest change between neighbouring points (``span``/1000 apart) shows those jumps; a smooth
+    force changes by about k·Δb ≈ 4·10⁵ · 10⁻⁵ = 4 kJ/mol/nm there.
+    """
+    import torch
+
+    from openmm_flowmatch.flows import CGFlow
+
+    flow = CGFlow.load(flow_path).double()
+    x = torch.as_tensor(frame, dtype=torch.float64)
+    direction = (x[bond + 1] - x[bond]) / (x[bond + 1] - x[bond]).norm()
+    offsets = torch.linspace(-span, span, points, dtype=torch.float64)
+    moved = x.repeat(points, 1, 1)
+    moved[:, bond + 1:] += offsets[:, None, None] * direction
+    forces = flow.forces(moved, protocol.TEMPERATURE)
+    along = (forces[:, bond + 1:] * direction).sum((-1, -2)).numpy()
+    steps = np.abs(np.diff(along))
+    return {"bond": bond, "offsets_nm": offsets.numpy()[::10].tolist(), "force_kJ_mol_nm": along[::10].tolist(),
+            "largest_change_between_neighbours": float(steps.max()), "median_change_between_neighbours": float(np.median(steps)),
+            "neighbour_spacing_nm": float(2 * span / (points - 1))}
+
+
 def phi_psi_metrics(force_field: Any, reference: np.ndarray, time_step: float, arguments, directory: Path) -> dict:
     """Simulate 64 replicas for ``--phi-psi-time`` ps at ``time_step`` and score φ/ψ vs the reference."""
     from openmm_flowmatch.analysis import load_positions
@@ -230,14 +256,21 @@ def summary_row(record: dict) -> dict:
                         for p in record["phi_psi"]}}
 
 
-def plot(records: list[dict], path: Path) -> None:
-    """Kinetic temperature and bond width ratios against the time step, one line per model."""
+def plot(records: list[dict], scans: list[dict], path: Path) -> None:
+    """Kinetic temperature and bond width ratios against the time step, one line per model; the
+    teacher's force along the first bond (the jumps at the spline knots)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, (left, right, third) = plt.subplots(1, 3, figsize=(16, 4.4))
+    for scan in scans[:2]:
+        third.plot(np.array(scan["offsets_nm"]) * 1000, scan["force_kJ_mol_nm"], label=f"bond {scan['bond']}")
+    third.set(xlabel="bond stretch (pm)", ylabel="teacher force along the bond (kJ/mol/nm)",
+              title="flow forces jump at spline knots")
+    if scans:
+        third.legend(fontsize=7)
     for record in records:
         rows = [r for r in record["time_steps"]["rows"] if not r.get("blew_up")]
         steps = [r["time_step"] * 1000 for r in rows]
@@ -316,6 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         label, _, path = item.partition("=")
         artifacts[label] = Path(path)
     reference = split.reference.positions
+    flow_path = arguments.work / "flow_unit" / "flow" / "flow.pt"
+    scans = [cached(arguments.work / f"teacher_scan_{bond}.json", lambda bond=bond: teacher_force_scan(
+        flow_path, reference[0], bond)) for bond in range(4)] if flow_path.exists() else []
     records = []
     for label, artifact in artifacts.items():
         logger.info("measuring %s", label)
@@ -333,11 +369,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                               if k not in ("data", "work", "results")},
         "integrator": "LangevinMiddleIntegrator, 300 K, friction 1/ps, CPU platform, 1 thread",
         "sound_rule": "|T_kin/T - 1| <= 2 % and every CG bond width within 10 % of the data's",
-        "summary": [summary_row(record) for record in records], **extra, "records": records,
+        "summary": [summary_row(record) for record in records], **extra, "teacher_force_scans": scans,
+        "records": records,
         "wall_seconds_this_invocation": time.perf_counter() - started,
     }
     write_json(arguments.results / "time_step.json", result)
-    plot(records, arguments.results / "time_step.png")
+    plot(records, scans, arguments.results / "time_step.png")
     logger.info("wrote %s", arguments.results / "time_step.json")
     if arguments.markdown:
         print(markdown(result["summary"]))
