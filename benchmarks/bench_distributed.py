@@ -15,7 +15,7 @@ on localhost, exactly as ``torchrun --nproc_per_node 2`` would. Measured:
 
 Configurations: one process with 1 thread, one process with 2 threads, two processes with 1 thread
 each. Each is repeated ``--repeats`` times; the fastest repeat is reported. Data:
-``/work/shared/data/ala2_train/seed101/chunk_0000.npz`` when present (``--data``), else synthetic
+``../shared/data/ala2_train/seed101/chunk_0000.npz`` (beside the clone) when present (``--data``), else synthetic
 5-bead chains.
 
 Writes ``benchmarks/results/distributed.json`` (or ``--output``).
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-DEFAULT_DATA = Path("/work/shared/data/ala2_train/seed101/chunk_0000.npz")
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ala2_train" / "seed101" / "chunk_0000.npz"
 CONFIGURATIONS = {"1 process x 1 thread": (1, 1), "1 process x 2 threads": (1, 2), "2 processes x 1 thread": (2, 1)}
 """name: (processes, torch threads per process)."""
 

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
             "python": platform_module.python_version(),
         },
         "native_library": {"path_name": library.name, "build_seconds_this_run": round(build_seconds, 2),
-                           "build_command": (library.parent / "build.txt").read_text().strip()
+                           "build_command": _without_machine_paths((library.parent / "build.txt").read_text().strip(), library)
                            if (library.parent / "build.txt").exists() else None},
         "results": results,
     }
@@ -220,5 +220,16 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def _without_machine_paths(command: str, library: Path) -> str:
+    """The build command with this machine's folders replaced by placeholders (results are committed)."""
+    import openmm
+
+    site_packages = str(Path(openmm.__file__).resolve().parents[1])
+    repository = str(Path(__file__).resolve().parents[1])
+    return (command.replace(str(library.parent), "<cache>").replace(site_packages, "<site-packages>")
+            .replace(repository, "<repository>"))
+
+
 if __name__ == "__main__":
     main()
+

@@ -11,7 +11,7 @@ Lipschitz projection after the step) for a CGNet of the alanine-dipeptide size (
 - ``precomputed_features``: forces −Jᵀ ∂U/∂φ from precomputed features and Jacobians, old projection;
 - ``new``: both changes (what the trainer does now).
 
-Data: ``/work/shared/data/ala2_train/seed101/chunk_0000.npz`` (``x`` nm, ``f`` kJ/mol/nm) when it
+Data: ``../shared/data/ala2_train/seed101/chunk_0000.npz`` (beside the clone) (``x`` nm, ``f`` kJ/mol/nm) when it
 exists (or ``--data FILE``), else synthetic random 5-bead chains. Also reported: the largest
 force difference between the two force paths on the same network (float32 and float64), and the
 largest parameter difference after a few float64 training steps along the old and new paths.
@@ -39,7 +39,7 @@ import torch
 from openmm_flowmatch.forcefield import CGNet, InvariantFeatures
 from openmm_flowmatch.forcefield.training import _force_data, forces_from_features, forces_of
 
-DEFAULT_DATA = Path("/work/shared/data/ala2_train/seed101/chunk_0000.npz")
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ala2_train" / "seed101" / "chunk_0000.npz"
 VARIANTS = {
     "baseline": (False, True),
     "power_iteration": (False, False),
