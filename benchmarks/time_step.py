@@ -209,7 +209,7 @@ def long_run(artifact: Path, reference: np.ndarray, arguments, work: Path) -> di
         backend=arguments.long_run_backend,
     )
     info = read_json(directory / "simulation.json")
-    return {"artifact": str(artifact), "steps": arguments.long_run_steps, "time_step_ps": arguments.long_run_time_step,
+    return {"artifact": artifact.name, "steps": arguments.long_run_steps, "time_step_ps": arguments.long_run_time_step,
             "backend": arguments.long_run_backend, "simulated_ns": arguments.long_run_steps * arguments.long_run_time_step / 1000,
             "frames": result.frames_per_replica, "wall_seconds_last_invocation": result.wall_time,
             "steps_per_second_last_invocation": result.steps_run / max(result.wall_time, 1e-9),
@@ -366,7 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {
         "benchmark": "time_step", "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
         "cores": os.cpu_count(), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(arguments).items()
-                                              if k not in ("data", "work", "results")},
+                                              if k not in ("data", "work", "results", "artifact")},
+        "extra_artifacts": [item.partition("=")[0] for item in arguments.artifact],
         "integrator": "LangevinMiddleIntegrator, 300 K, friction 1/ps, CPU platform, 1 thread",
         "sound_rule": "|T_kin/T - 1| <= 2 % and every CG bond width within 10 % of the data's",
         "summary": [summary_row(record) for record in records], **extra, "teacher_force_scans": scans,
