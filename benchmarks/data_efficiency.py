@@ -106,7 +106,9 @@ class ProtocolConfig:
     n_layers: int = 5
     activation: str = "tanh"
     lipschitz_bound: float = 4.0
-    feature_set: str = "dihedrals_and_distances"  # "all": CGnet's (bonds and angles too; stiff, see time_step.py)
+    # network features: "auto" = the package's default per method (flow-matching: dihedrals and
+    # distances, bonds and angles left to the priors; force matching: all), or one set for both
+    feature_set: str = "auto"
     force_field_steps: int = 3000
     force_field_batch: int = 256
     force_field_early_stopping: bool = True
@@ -388,7 +390,7 @@ def train_network(data: Any, priors: Any, config: ProtocolConfig, method: str, s
             n_layers=config.n_layers,
             activation=config.activation,
             lipschitz_bound=config.lipschitz_bound,
-            feature_set=config.feature_set,
+            feature_set=None if config.feature_set == "auto" else config.feature_set,
         ),
         epochs=epochs,
         batch_size=config.force_field_batch,

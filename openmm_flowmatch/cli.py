@@ -597,9 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--width", type=int, default=160, help="hidden width of the CGnet")
     sub.add_argument("--layers", type=int, default=5, help="residual layers of the CGnet")
     sub.add_argument(
-        "--feature-set", default=FEATURE_SET_NAMES[0], choices=FEATURE_SET_NAMES,
-        help="network features: dihedrals and distances (bonds and angles left to the priors; integrates at 2-4 fs) "
-        "or all of CGnet's (bonds and angles too)",
+        "--feature-set", default=None, choices=FEATURE_SET_NAMES,
+        help="network features: dihedrals and distances (bonds and angles left to the priors; the default for "
+        "flow-matching, which it keeps integrable at 5 fs) or all of CGnet's (bonds and angles too; the default "
+        "for force matching)",
     )
 
     sub = add("export", command_export, "Write the TorchScript force-field artifact (.pt with metadata) for OpenMM.")

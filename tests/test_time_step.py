@@ -30,7 +30,10 @@ RESOURCES = Path(__file__).resolve().parents[1] / "openmm_flowmatch" / "resource
 
 
 def test_default_feature_set_leaves_bonds_and_angles_to_the_priors():
-    assert DEFAULT_FEATURE_SET == "dihedrals_and_distances"
+    from openmm_flowmatch.forcefield import DEFAULT_FEATURE_SETS
+
+    assert DEFAULT_FEATURE_SET == DEFAULT_FEATURE_SETS["flow-matching"] == "dihedrals_and_distances"
+    assert DEFAULT_FEATURE_SETS["force-matching"] == "all"
     features = InvariantFeatures(5, **feature_set_options(DEFAULT_FEATURE_SET, 5))
     # alanine dipeptide's 5 beads: 2 dihedrals as (cos, sin) + the pairs 3 and 4 bonds apart (0-3, 1-4, 0-4)
     assert (features.n_bonds, features.n_angles, features.n_dihedrals, features.n_pairs) == (0, 0, 2, 3)
@@ -113,3 +116,16 @@ def test_small_flow_matching_model_integrates_at_2_fs_within_2_percent(tmp_path)
     assert 0.9 <= result.bonded["bond_width_ratio_min"] and result.bonded["bond_width_ratio_max"] <= 1.1
     assert report.largest_sound_time_step == pytest.approx(0.002)
     assert math.isfinite(result.steps_per_second)
+
+
+def test_trainer_default_features_follow_the_method():
+    """Flow-matching networks leave bonds and angles to the priors; force-matching ones see them."""
+    from openmm_flowmatch.priors import Priors
+
+    positions = _synthetic_alanine_like_data(200)
+    priors = Priors.fit(positions, [(i, i + 1) for i in range(4)], TEMPERATURE)
+    forces = priors.forces(torch.as_tensor(positions)).numpy()
+    for method, expected_bonds in (("flow-matching", 0), ("force-matching", 4)):
+        model = train_force_field((positions, forces), priors, method=method, epochs=0, progress=False,
+                                  model_kwargs=dict(hidden_width=8, n_layers=1))
+        assert model.features.n_bonds == expected_bonds

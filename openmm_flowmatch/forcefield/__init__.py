@@ -13,6 +13,7 @@ This package never imports :mod:`openmm_flowmatch.flows`; the two meet through t
 
 from .features import (
     DEFAULT_FEATURE_SET,
+    DEFAULT_FEATURE_SETS,
     FEATURE_SETS,
     FeatureError,
     InvariantFeatures,
@@ -34,6 +35,7 @@ from .training import METHODS, TrainingError, force_matching_loss, forces_of, tr
 __all__ = [
     "ACTIVATIONS",
     "DEFAULT_FEATURE_SET",
+    "DEFAULT_FEATURE_SETS",
     "FEATURE_SETS",
     "feature_set_options",
     "CGNet",

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..distributed import (
     SINGLE_PROCESS, Ranks, all_reduce_gradients, check_consistent, resolve_device, setup_distributed, sum_over_chunks,
 )
-from .features import DEFAULT_FEATURE_SET, InvariantFeatures, feature_set_options
+from .features import DEFAULT_FEATURE_SETS, InvariantFeatures, feature_set_options
 from .networks import CGNet
 
 __all__ = [
@@ -356,9 +356,10 @@ def train_force_field(
     model_kwargs
         Keyword arguments of the default :class:`CGNet` (``hidden_width``, ``n_layers``,
         ``activation``, ``lipschitz_bound``), plus for its features ``feature_set`` (a key of
-        :data:`~openmm_flowmatch.forcefield.features.FEATURE_SETS`; default
-        ``"dihedrals_and_distances"``: bonds and angles are left to the priors, which keeps a
-        flow-matching network integrable at 2–4 fs) and ``min_separation`` (overrides the set's).
+        :data:`~openmm_flowmatch.forcefield.features.FEATURE_SETS`; default by ``method``:
+        ``"dihedrals_and_distances"`` for flow-matching (bonds and angles left to the priors,
+        which keeps the network integrable at 5 fs), ``"all"`` for force matching) and
+        ``min_separation`` (overrides the set's).
     epochs
         Maximum number of passes over the training frames (default 100), counting the epochs
         of a resumed checkpoint. Ignored when ``max_steps`` is given.
@@ -447,7 +448,7 @@ def train_force_field(
     n_beads = train_positions.shape[1]
     device = torch.device(device)
     if model is None:
-        model = _default_model(train_positions, bonds, model_kwargs or {}, seed)
+        model = _default_model(train_positions, bonds, model_kwargs or {}, seed, method)
     model_beads = getattr(model, "n_beads", n_beads)
     if model_beads != n_beads:
         raise TrainingError(f"the model takes {model_beads} beads but the data has {n_beads}")
@@ -727,9 +728,10 @@ def _validate(run: _RunState, model: nn.Module, optimizer: Any, scheduler: Any, 
         logger.info("early stopping at step %d (best at step %d)", run.step, run.best_step)
 
 
-def _default_model(positions: np.ndarray, bonds: Any, model_kwargs: dict, seed: int) -> CGNet:
+def _default_model(positions: np.ndarray, bonds: Any, model_kwargs: dict, seed: int, method: str) -> CGNet:
     kwargs = dict(model_kwargs)
-    options = feature_set_options(kwargs.pop("feature_set", DEFAULT_FEATURE_SET), positions.shape[1], bonds)
+    feature_set = kwargs.pop("feature_set", None) or DEFAULT_FEATURE_SETS[method]
+    options = feature_set_options(feature_set, positions.shape[1], bonds)
     if "min_separation" in kwargs:
         options["min_separation"] = kwargs.pop("min_separation")
     features = InvariantFeatures.from_positions(positions, bonds=bonds, **options)
