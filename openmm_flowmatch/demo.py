@@ -68,9 +68,9 @@ class DemoSizes:
     forcefield_width: int = 160
     forcefield_layers: int = 5
     replicas: int = 32
-    simulation_steps: int = 10000
-    time_step_ps: float = 0.004  # sound for this model: benchmarks/results/time_step.json
-    report_interval: int = 25  # a frame every 0.1 ps
+    simulation_steps: int = 13200
+    time_step_ps: float = 0.003  # the largest sound step of this model: benchmarks/results/time_step.json
+    report_interval: int = 33  # a frame every 0.099 ps
     temperature: float = 300.0
     seed: int = 0
 
