@@ -157,12 +157,12 @@ def phi_psi_metrics(force_field: Any, reference: np.ndarray, time_step: float, a
     topology = force_field.mapping.cg_topology()
     system = force_field.create_system(replicate_topology(topology, replicas))
     starts = reference[np.linspace(0, len(reference) - 1, replicas).astype(int)]
-    steps = int(round((arguments.phi_psi_time + 10.0) / time_step))
     interval = int(round(0.2 / time_step))
+    steps = int(np.ceil((arguments.phi_psi_time + 10.0) / (interval * time_step))) * interval
     result = run_simulation(system, topology, starts, directory, steps, replicas=replicas, time_step=time_step,
                             report_interval=interval, platform="CPU", platform_properties={"Threads": "1"},
                             seed=arguments.seed, progress=False)
-    skip = int(round(10.0 / 0.2))
+    skip = int(round(10.0 / (interval * time_step)))  # 10 ps of equilibration
     positions = np.concatenate([load_positions(path, topology)[skip:] for path in result.trajectories])
     metrics = compare_phi_psi(reference, positions, temperature=protocol.TEMPERATURE).metrics
     kinetic = result.kinetic_temperature
