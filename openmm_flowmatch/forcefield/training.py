@@ -588,10 +588,15 @@ class _RunState:
 
     def restore(self, state: dict, fingerprint: dict, path: Path, model: nn.Module, optimizer: Any,
                 scheduler: Any, steps_per_epoch: int) -> None:
-        if state.get("fingerprint") != fingerprint:
+        saved = state.get("fingerprint") or {}
+        if saved != fingerprint:
+            changed = ", ".join(
+                f"{key}: was {saved.get(key)!r}, now {fingerprint.get(key)!r}"
+                for key in sorted(set(saved) | set(fingerprint)) if saved.get(key) != fingerprint.get(key)
+            )
             raise TrainingError(
-                f"the checkpoint {path} was written for another run ({state.get('fingerprint')}, this one: "
-                f"{fingerprint}); pass resume=False to overwrite it or choose another checkpoint_path"
+                f"the checkpoint {path} was written for another run ({changed}); pass resume=False to "
+                "overwrite it or choose another checkpoint_path"
             )
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
