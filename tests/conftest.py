@@ -48,3 +48,21 @@ def alanine_dipeptide_pdb() -> Path:
 @pytest.fixture
 def chignolin_pdb() -> Path:
     return RESOURCES / "chignolin_cln025.pdb"
+
+
+def alanine_backbone_mapping():
+    """The 5-bead backbone CGMapping of the bundled alanine-dipeptide PDB."""
+    import mdtraj
+
+    from openmm_flowmatch.mapping import CGMapping
+
+    return CGMapping.backbone(mdtraj.load(str(RESOURCES / "alanine_dipeptide.pdb")).topology)
+
+
+def perturbed_backbones(mapping, n_frames: int, scale: float = 0.01, seed: int = 0):
+    """The PDB's backbone beads with Gaussian noise of ``scale`` nm: ``(n_frames, beads, 3)``."""
+    import mdtraj
+    import numpy as np
+
+    start = mapping.map_positions(mdtraj.load(str(RESOURCES / "alanine_dipeptide.pdb")).xyz.astype(np.float64))[0]
+    return start + scale * np.random.default_rng(seed).normal(size=(n_frames, mapping.n_beads, 3))

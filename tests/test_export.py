@@ -5,11 +5,11 @@ from __future__ import annotations
 import copy
 import json
 
-import mdtraj
 import numpy as np
 import openmm
 import openmm.unit as unit
 import pytest
+from conftest import alanine_backbone_mapping, perturbed_backbones
 import torch
 
 import openmm_flowmatch
@@ -31,21 +31,13 @@ TEMPERATURE = 300.0
 
 @pytest.fixture(scope="module")
 def mapping() -> CGMapping:
-    from pathlib import Path
-
-    pdb = Path(openmm_flowmatch.__file__).parent / "resources" / "alanine_dipeptide.pdb"
-    return CGMapping.backbone(mdtraj.load(str(pdb)).topology)
+    return alanine_backbone_mapping()
 
 
 @pytest.fixture(scope="module")
 def configurations(mapping) -> np.ndarray:
-    """The PDB's backbone beads, perturbed by 0.01 nm: a few CG configurations (nm)."""
-    from pathlib import Path
-
-    pdb = Path(openmm_flowmatch.__file__).parent / "resources" / "alanine_dipeptide.pdb"
-    start = mapping.map_positions(mdtraj.load(str(pdb)).xyz.astype(np.float64))[0]
-    generator = np.random.default_rng(0)
-    return start + 0.01 * generator.normal(size=(40, mapping.n_beads, 3))
+    """The PDB's backbone beads, perturbed by 0.01 nm (nm)."""
+    return perturbed_backbones(mapping, 40)
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,13 @@ import shutil
 import warnings
 from pathlib import Path
 
-import mdtraj
 import numpy as np
 import openmm
 import openmm.unit as unit
 import pytest
+from conftest import alanine_backbone_mapping, perturbed_backbones
 import torch
 
-import openmm_flowmatch
 from openmm_flowmatch import compatibility
 from openmm_flowmatch.artifact_formats import companion_path, save_exported
 from openmm_flowmatch.compatibility import TorchScriptDeprecationWarning, deprecation_notice
@@ -40,15 +39,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::openmm_flowmatch.compatibility.
 
 @pytest.fixture(scope="module")
 def mapping() -> CGMapping:
-    pdb = Path(openmm_flowmatch.__file__).parent / "resources" / "alanine_dipeptide.pdb"
-    return CGMapping.backbone(mdtraj.load(str(pdb)).topology)
+    return alanine_backbone_mapping()
 
 
 @pytest.fixture(scope="module")
 def configurations(mapping) -> np.ndarray:
-    pdb = Path(openmm_flowmatch.__file__).parent / "resources" / "alanine_dipeptide.pdb"
-    start = mapping.map_positions(mdtraj.load(str(pdb)).xyz.astype(np.float64))[0]
-    return start + 0.01 * np.random.default_rng(0).normal(size=(20, mapping.n_beads, 3))
+    """The PDB's backbone beads, perturbed by 0.01 nm (nm)."""
+    return perturbed_backbones(mapping, 20)
 
 
 @pytest.fixture(scope="module")

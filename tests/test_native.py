@@ -11,11 +11,11 @@ import time
 import warnings
 from pathlib import Path
 
-import mdtraj
 import numpy as np
 import openmm
 import openmm.unit as unit
 import pytest
+from conftest import alanine_backbone_mapping, perturbed_backbones
 import torch
 
 import openmm_flowmatch
@@ -48,16 +48,13 @@ RTOL = 1e-10
 
 @pytest.fixture(scope="module")
 def mapping() -> CGMapping:
-    pdb = Path(openmm_flowmatch.__file__).parent / "resources" / "alanine_dipeptide.pdb"
-    return CGMapping.backbone(mdtraj.load(str(pdb)).topology)
+    return alanine_backbone_mapping()
 
 
 @pytest.fixture(scope="module")
 def configurations(mapping) -> np.ndarray:
     """The PDB's backbone beads, perturbed by 0.01 nm (nm)."""
-    pdb = Path(openmm_flowmatch.__file__).parent / "resources" / "alanine_dipeptide.pdb"
-    start = mapping.map_positions(mdtraj.load(str(pdb)).xyz.astype(np.float64))[0]
-    return start + 0.01 * np.random.default_rng(0).normal(size=(24, mapping.n_beads, 3))
+    return perturbed_backbones(mapping, 24)
 
 
 @pytest.fixture(scope="module")
