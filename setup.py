@@ -1,8 +1,13 @@
 """Packaging for openmm_flowmatch (setuptools)."""
 
+import importlib.util
+import os
+import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).parent
 
@@ -12,6 +17,45 @@ def read_version() -> str:
         if line.startswith("__version__"):
             return line.split("=")[1].strip().strip('"')
     raise RuntimeError("no __version__ in openmm_flowmatch/__init__.py")
+
+
+def _native_builder():
+    """openmm_flowmatch/native/build.py loaded by path (the package itself is not importable here)."""
+    spec = importlib.util.spec_from_file_location("_openmm_flowmatch_native_build", HERE / "openmm_flowmatch" / "native" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _target_site_dirs() -> list:
+    """Where the target environment's packages live (pip's isolated build hides them from sys.path)."""
+    paths = sysconfig.get_paths()
+    return [path for path in dict.fromkeys([*sys.path, paths["purelib"], paths["platlib"]]) if path]
+
+
+class BuildPyWithNative(build_py):
+    """build_py, then compile the native CGNet plugin against the target environment's OpenMM.
+
+    Never fails the install: without a compiler, without OpenMM (yet) or on a failed compile the
+    reason goes to openmm_flowmatch/native/lib/build_error.txt and the package runs with TorchForce
+    (or compiles the kernel on first use). OPENMM_FLOWMATCH_SKIP_NATIVE_BUILD=1 skips the step.
+    """
+
+    def run(self):
+        super().run()
+        if os.environ.get("OPENMM_FLOWMATCH_SKIP_NATIVE_BUILD"):
+            return
+        package = Path("openmm_flowmatch") / "native"
+        target = HERE / package if self.editable_mode else Path(self.build_lib) / package
+        try:
+            reason = _native_builder().install_library(target, site_dirs=_target_site_dirs())
+        except Exception as error:  # noqa: BLE001 - the install must not fail because of the native kernel
+            reason = f"{type(error).__name__}: {error}"
+        if reason:
+            print(f"openmm_flowmatch: {reason}", file=sys.stderr)
+        else:
+            print(f"openmm_flowmatch: compiled the native CGNet plugin into {target / 'lib'}", file=sys.stderr)
 
 
 CORE = [
@@ -51,11 +95,12 @@ setup(
     packages=find_packages(include=["openmm_flowmatch", "openmm_flowmatch.*"]),
     package_data={
         "openmm_flowmatch": ["resources/*.pdb", "resources/*.md"],
-        # C++ sources of the native CGNet kernel, compiled on first use (openmm_flowmatch.native)
+        # C++ sources of the native CGNet kernel, compiled at install by BuildPyWithNative (or on first use)
         "openmm_flowmatch.native": ["src/*.cpp", "src/*.h"],
     },
     install_requires=CORE,
     extras_require=EXTRAS,
+    cmdclass={"build_py": BuildPyWithNative},
     entry_points={"console_scripts": ["openmm-flowmatch = openmm_flowmatch.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",

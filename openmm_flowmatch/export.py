@@ -710,7 +710,10 @@ class FlowMatchForceField:
             ``"native"``: the package's C++ OpenMM kernel for CGNet (Reference and CPU platforms;
             compiled on first use, checked against the TorchScript module at creation; see
             docs/native.md) — much faster for one or a few copies.
-            ``None``: :func:`~openmm_flowmatch.compatibility.choose_default_backend`.
+            ``"auto"`` (:meth:`create_system`'s default): :meth:`auto_backend` — native where the
+            plugin is available, the network is one it evaluates exactly and the platform has a
+            native kernel, else :meth:`default_backend`; the choice and its reason are logged.
+            ``None``: :meth:`default_backend` (TorchForce where openmm-torch is installed).
             A backend that runs TorchScript under torch ≥ 2.10 issues a
             :class:`TorchScriptDeprecationWarning` (see docs/compatibility.md).
         platform_hint
@@ -730,9 +733,11 @@ class FlowMatchForceField:
         deserializing it needs ``openmm_flowmatch`` importable, while a TorchForce System needs
         only OpenMM and openmm-torch.
         """
+        if backend is not None and backend.lower() == "auto":
+            return self._auto_network_force(platform_hint, python_module, compile, replicas)
         backend = self.default_backend() if backend is None else backend.lower()
         if backend not in BACKENDS:
-            raise ArtifactError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+            raise ArtifactError(f"unknown backend {backend!r}; choose one of {('auto',) + tuple(BACKENDS)}")
         uses_torchscript = backend == "torchforce" or (
             backend == "pythonforce" and python_module is None and not compile and self.has_torchscript)
         warn_if_deprecated(backend, uses_torchscript)
@@ -757,8 +762,36 @@ class FlowMatchForceField:
         force.setName("FlowMatchNetwork")
         return force
 
+    def auto_backend(self, platform_hint: Optional[str] = None) -> tuple[str, str]:
+        """``(backend, reason)`` that ``backend="auto"`` (the default) picks for ``platform_hint``.
+
+        ``"native"`` when :func:`openmm_flowmatch.native.native_choice` accepts this force field and
+        platform, else :meth:`default_backend` (TorchForce where openmm-torch is installed).
+        """
+        from openmm_flowmatch.native import native_choice
+
+        use_native, reason = native_choice(self, platform_hint)
+        return ("native" if use_native else self.default_backend()), reason
+
+    def _auto_network_force(self, platform_hint, python_module, compile, replicas) -> Any:
+        """:meth:`network_force` for ``backend="auto"``: native if it is chosen and passes its check, else the default."""
+        backend, reason = self.auto_backend(platform_hint)
+        if backend == "native":
+            from openmm_flowmatch.native import NativeBuildError, NativeMismatchError
+
+            try:
+                force = self.network_force("native", platform_hint, replicas=replicas)
+                logger.info("network backend: native (%s)", reason)
+                return force
+            except (NativeBuildError, NativeMismatchError) as error:
+                backend, reason = self.default_backend(), f"the native kernel failed: {error}"
+                logger.warning("network backend: %s (%s)", backend, reason)
+        else:
+            logger.info("network backend: %s (native not used: %s)", backend, reason)
+        return self.network_force(backend, platform_hint, python_module=python_module, compile=compile, replicas=replicas)
+
     def default_backend(self) -> str:
-        """The backend :meth:`create_system` uses when none is named (see docs/compatibility.md)."""
+        """The backend ``"auto"`` falls back to when native is not used (see docs/compatibility.md)."""
         has_exported = self._programs is not None or (self.path is not None and companion_path(self.path).is_file())
         return choose_default_backend(has_torchscript=self.has_torchscript, has_exported=has_exported)
 
@@ -793,10 +826,11 @@ class FlowMatchForceField:
             divided by the artifact's bead count. All copies go through one batched call of the
             network; the priors are added as standard forces for every copy.
         backend
-            ``"torchforce"``, ``"pythonforce"``, ``"exported"`` or ``"pythontorchforce"``, see
-            :meth:`network_force`; default (``None``) ``"torchforce"`` when openmm-torch is
-            installed and the artifact was read from its ``.pt`` file, else ``"exported"``
-            (:meth:`default_backend`).
+            ``"auto"`` (default, also ``None``), ``"native"``, ``"torchforce"``, ``"pythonforce"``,
+            ``"exported"`` or ``"pythontorchforce"``, see :meth:`network_force`. ``"auto"``: the
+            native kernel where it is available and exact for this network and platform, else
+            ``"torchforce"`` when openmm-torch is installed and the artifact was read from its
+            ``.pt`` file, else ``"exported"`` (:meth:`auto_backend`, :meth:`default_backend`).
         platform_hint
             ``"CUDA"`` switches on CUDA graphs for TorchForce.
         python_module, compile
@@ -830,7 +864,7 @@ class FlowMatchForceField:
                 force.setForceGroup(0)
                 system.addForce(force)
         force = self.network_force(
-            backend, platform_hint, python_module=python_module, compile=compile, replicas=replicas
+            backend or "auto", platform_hint, python_module=python_module, compile=compile, replicas=replicas
         )
         force.setForceGroup(int(network_force_group))
         system.addForce(force)

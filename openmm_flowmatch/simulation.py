@@ -970,8 +970,9 @@ def simulate_force_field(
     initial_positions
         Optional ``(replicas, beads, 3)`` nm starting structures instead of the PDB's.
     backend
-        Network backend of ``FlowMatchForceField.create_system`` (``"torchforce"``, ``"native"``,
-        ``"exported"``, …); default its own choice.
+        Network backend of ``FlowMatchForceField.create_system`` (``"auto"``, ``"torchforce"``,
+        ``"native"``, ``"exported"``, …); default ``"auto"``: native where it is available and exact
+        for the network on the chosen platform, else TorchForce (logged).
     **options
         Passed to :func:`run_simulation` (temperature, friction, time_step, platform, ...).
         The temperature defaults to the artifact's training temperature.

@@ -15,18 +15,33 @@ API
     before ``XmlSerializer.deserialize`` of a System holding a ``CGNetForce``.
 ``native_network_force(force_field, replicas) -> openmm.Force``
     The artifact's network as a checked native force for ``replicas`` copies.
-``native_available() -> bool``
-    Whether a C++ compiler and the OpenMM headers are present.
+``native_choice(force_field, platform_hint=None) -> (bool, str)``
+    Whether ``backend="auto"`` takes the native kernel for this force field and platform, and why.
+``native_available() -> bool`` / ``native_unavailable_reason() -> str | None``
+    Whether the plugin is built (at install, or in the cache) or can be compiled on first use,
+    and if not, why not.
+
+Command line: ``python -m openmm_flowmatch.native status|build [--force]``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from pathlib import Path
 from typing import Optional
 
-from .build import NativeBuildError, build_library, find_compiler, library_path, openmm_paths
+from .build import (
+    LIBRARY_ENV,
+    NativeBuildError,
+    build_library,
+    find_compiler,
+    library_path,
+    locate_library,
+    openmm_paths,
+    unavailable_reason,
+)
 from .force import (
     CHECK_TOLERANCE,
     NativeMismatchError,
@@ -40,6 +55,7 @@ from .force import (
 
 __all__ = [
     "CHECK_TOLERANCE",
+    "LIBRARY_ENV",
     "NativeBuildError",
     "NativeMismatchError",
     "SUPPORTED_ACTIVATIONS",
@@ -48,24 +64,37 @@ __all__ = [
     "check_native_force",
     "force_xml",
     "load_native_plugin",
+    "NATIVE_PLATFORMS",
     "native_available",
+    "native_choice",
     "native_network_force",
+    "native_unavailable_reason",
     "network_parameters",
 ]
+
+NATIVE_PLATFORMS = ("Reference", "CPU")
+"""OpenMM platforms for which the plugin registers a CGNetForce kernel."""
 
 _lock = threading.Lock()
 _loaded: Optional[Path] = None
 
 
+def native_unavailable_reason() -> Optional[str]:
+    """Why the native kernel cannot be used in this process, or ``None`` when it can.
+
+    ``None`` when the plugin is loaded, built (at install or in the per-user cache) or can be
+    compiled on first use. Otherwise one sentence: no C++ compiler, no OpenMM headers, a failed
+    compile (with the compiler's output), ``$OPENMM_FLOWMATCH_NATIVE_LIBRARY`` naming a missing file,
+    a library built for another OpenMM, ...
+    """
+    if _loaded is not None and not os.environ.get(LIBRARY_ENV):
+        return None
+    return unavailable_reason()
+
+
 def native_available() -> bool:
-    """True when the plugin can be built here (a C++ compiler and OpenMM's headers are present)."""
-    if find_compiler() is None:
-        return False
-    try:
-        openmm_paths()
-    except NativeBuildError:
-        return False
-    return True
+    """True when the native kernel can be used here (see :func:`native_unavailable_reason`)."""
+    return native_unavailable_reason() is None
 
 
 def load_native_plugin(path: Optional[str | Path] = None) -> Path:
@@ -79,12 +108,18 @@ def load_native_plugin(path: Optional[str | Path] = None) -> Path:
     Parameters
     ----------
     path
-        A prebuilt library to load instead of :func:`build_library`'s.
+        A prebuilt library to load instead of the one :func:`~openmm_flowmatch.native.build.locate_library`
+        finds (installed, cached, or compiled now).
 
     Returns
     -------
     Path
         The loaded library (the first one loaded, on later calls).
+
+    Raises
+    ------
+    NativeBuildError
+        The library is missing and cannot be built; the message says why.
     """
     global _loaded
     with _lock:
@@ -92,10 +127,60 @@ def load_native_plugin(path: Optional[str | Path] = None) -> Path:
             return _loaded
         import openmm
 
-        library = Path(path) if path is not None else build_library()
+        library = Path(path) if path is not None else _located_library()
         openmm.Platform.loadPluginLibrary(str(library))
         handle = ctypes.CDLL(str(library))  # already loaded: same handle; reads the version tag
         handle.openmmFlowmatchNativeVersion.restype = ctypes.c_char_p
         handle.openmmFlowmatchNativeVersion()
         _loaded = library
         return library
+
+
+def _located_library() -> Path:
+    library, why = locate_library(build=True)
+    if library is None:
+        raise NativeBuildError(f"the native CGNet kernel is unavailable: {why}. Use backend='torchforce' (or 'auto', "
+                               "which falls back to it); `python -m openmm_flowmatch.native build` compiles it by hand")
+    return library
+
+
+def default_platform_name() -> str:
+    """The platform an ``openmm.Context`` gets when none is named (``$OPENMM_DEFAULT_PLATFORM``, else the fastest)."""
+    import openmm
+
+    if os.environ.get("OPENMM_DEFAULT_PLATFORM"):
+        return os.environ["OPENMM_DEFAULT_PLATFORM"]
+
+    platforms = [openmm.Platform.getPlatform(i) for i in range(openmm.Platform.getNumPlatforms())]
+    return max(platforms, key=lambda platform: platform.getSpeed()).getName()
+
+
+def native_choice(force_field, platform_hint: Optional[str] = None) -> tuple[bool, str]:
+    """Whether ``backend="auto"`` uses the native kernel, and why (one sentence for the log).
+
+    Native is chosen when the plugin is available (:func:`native_unavailable_reason`), the network
+    is one it evaluates exactly (:func:`network_parameters`) and the platform the System will run
+    on has a native kernel (:data:`NATIVE_PLATFORMS`; without ``platform_hint``, OpenMM's default
+    platform, the fastest available). The creation check runs later, when the force is made.
+
+    Parameters
+    ----------
+    force_field
+        A :class:`~openmm_flowmatch.export.FlowMatchForceField`.
+    platform_hint
+        Name of the OpenMM platform the System will run on, if known.
+    """
+    platform = platform_hint or default_platform_name()
+    if platform not in NATIVE_PLATFORMS:
+        where = "" if platform_hint else " (OpenMM's default platform here)"
+        return False, f"the native kernel has no implementation for the {platform} platform{where}"
+    if not getattr(force_field, "has_torchscript", True):
+        return False, "the artifact has no TorchScript module to read and check the native network against"
+    reason = native_unavailable_reason()
+    if reason is not None:
+        return False, reason
+    try:
+        parameters = network_parameters(force_field)
+    except UnsupportedNetworkError as error:
+        return False, str(error)
+    return True, f"a CGNet with {parameters['activation']} on the {platform} platform, which the native kernel evaluates exactly"

@@ -11,6 +11,15 @@ Where: ``$OPENMM_FLOWMATCH_NATIVE_CACHE`` if set, else ``$XDG_CACHE_HOME/openmm_
 (default ``~/.cache/openmm_flowmatch/native``), then ``<hash>/libOpenMMFlowMatchNative.so``.
 Compiler: ``$CXX`` if set, else ``c++`` or ``g++`` on ``PATH`` (C++17, GCC or Clang: the kernels
 use the GCC/Clang vector extension).
+
+Installation: ``pip install`` (``setup.py``'s ``build_py`` step) calls :func:`install_library`,
+which compiles the plugin into the package (``native/lib/``, with a ``build.json`` stamp naming
+the OpenMM and the sources it was built for) when the target environment already holds OpenMM and
+a compiler is present; otherwise, or on a failed compile, the install still succeeds and the
+reason is written to ``native/lib/build_error.txt``. At run time :func:`locate_library` uses, in
+order: ``$OPENMM_FLOWMATCH_NATIVE_LIBRARY`` (exactly that file), the installed library when its
+stamp matches the running OpenMM and sources, the per-user cache, and (``build=True``) a fresh
+build into the cache. By hand: ``python -m openmm_flowmatch.native build [--force]``.
 """
 
 from __future__ import annotations
@@ -18,24 +27,34 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 __all__ = [
+    "INSTALL_DIR",
+    "LIBRARY_ENV",
     "LIBRARY_NAME",
     "NativeBuildError",
+    "OpenMMInstall",
     "SOURCE_DIR",
     "build_library",
     "cache_directory",
     "find_compiler",
+    "find_openmm",
+    "install_library",
+    "installed_library",
     "library_path",
+    "locate_library",
     "openmm_paths",
+    "unavailable_reason",
 ]
 
 logger = logging.getLogger(__name__)
@@ -48,6 +67,15 @@ LIBRARY_NAME = "libOpenMMFlowMatchNative.so" if sys.platform != "darwin" else "l
 NATIVE_VERSION = "1"
 """Version tag compiled into the library (``openmmFlowmatchNativeVersion()``); bump on format changes."""
 
+INSTALL_DIR = Path(__file__).resolve().parent / "lib"
+"""Where ``pip install`` puts the library it compiles (with ``build.json``, or ``build_error.txt``)."""
+
+LIBRARY_ENV = "OPENMM_FLOWMATCH_NATIVE_LIBRARY"
+"""Environment variable naming a prebuilt library to use instead of the installed or cached one."""
+
+STAMP_NAME = "build.json"
+ERROR_NAME = "build_error.txt"
+
 SOURCES = ("CGNetModel.cpp", "CGNetForce.cpp")
 HEADERS = ("CGNetModel.h", "CGNetForce.h")
 BASE_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-Wall", "-Wno-unused-parameter", "-Wno-unused-function", "-Wno-psabi")
@@ -55,7 +83,17 @@ ARCH_FLAGS = ("-march=native",)
 
 
 class NativeBuildError(RuntimeError):
-    """The native plugin cannot be built (no C++ compiler, no OpenMM headers, or a failed compile)."""
+    """The native plugin is not available (no C++ compiler, no OpenMM headers, a failed compile, a missing library)."""
+
+
+@dataclass(frozen=True)
+class OpenMMInstall:
+    """An OpenMM installation: its version, git revision, C++ headers and ``libOpenMM`` folder."""
+
+    version: str
+    git_revision: str
+    include_dir: Path
+    lib_dir: Path
 
 
 def find_compiler() -> Optional[str]:
@@ -68,6 +106,56 @@ def find_compiler() -> Optional[str]:
     return None
 
 
+def _read_version_file(path: Path) -> dict:
+    """The assignments of an ``openmm/version.py`` without importing openmm (it only sets strings)."""
+    namespace = {"__file__": str(path), "__name__": "openmm.version"}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)  # noqa: S102 - OpenMM's own generated file
+    return namespace
+
+
+def find_openmm(site_dirs: Optional[Sequence[str | Path]] = None) -> OpenMMInstall:
+    """The OpenMM to build against: the one Python imports, or the first one in ``site_dirs``.
+
+    Parameters
+    ----------
+    site_dirs
+        Folders holding an ``openmm`` package (site-packages); searched without importing it (the
+        install step runs in pip's isolated build environment). ``None``: ``import openmm``.
+
+    Raises
+    ------
+    NativeBuildError
+        No OpenMM, or one without its C++ headers or ``libOpenMM``.
+    """
+    if site_dirs is None:
+        import openmm.version as version
+
+        info = {name: getattr(version, name) for name in ("short_version", "git_revision", "openmm_library_path")}
+    else:
+        files = [Path(folder) / "openmm" / "version.py" for folder in site_dirs]
+        found = [path for path in files if path.is_file()]
+        if not found:
+            raise NativeBuildError(
+                "OpenMM is not installed in the target environment yet (pip installs it in the same step as this "
+                "package); the native kernel is compiled on first use instead, or by hand with "
+                "`python -m openmm_flowmatch.native build`"
+            )
+        info = _read_version_file(found[0])
+    lib_dir = Path(info["openmm_library_path"])
+    return _checked_install(str(info["short_version"]), str(info["git_revision"]), lib_dir.parent / "include", lib_dir)
+
+
+def _checked_install(version: str, revision: str, include_dir: Path, lib_dir: Path) -> OpenMMInstall:
+    if not (include_dir / "openmm" / "Force.h").is_file() or not (include_dir / "openmm" / "reference").is_dir():
+        raise NativeBuildError(
+            f"the OpenMM C++ headers are not at {include_dir} (needed: openmm/Force.h, openmm/reference/); "
+            "install an OpenMM that ships its headers (the PyPI wheel or the conda package do)"
+        )
+    if not any((lib_dir / name).exists() for name in ("libOpenMM.so", "libOpenMM.dylib")):
+        raise NativeBuildError(f"libOpenMM is not in {lib_dir}; cannot link the native plugin")
+    return OpenMMInstall(version, revision, include_dir, lib_dir)
+
+
 def openmm_paths() -> tuple[Path, Path]:
     """``(include_dir, lib_dir)`` of the OpenMM that Python imports (wheel: ``OpenMM.libs``; conda: the prefix).
 
@@ -76,18 +164,8 @@ def openmm_paths() -> tuple[Path, Path]:
     NativeBuildError
         When the headers or ``libOpenMM`` are missing.
     """
-    import openmm.version
-
-    lib_dir = Path(openmm.version.openmm_library_path)
-    include_dir = lib_dir.parent / "include"
-    if not (include_dir / "openmm" / "Force.h").is_file() or not (include_dir / "openmm" / "reference").is_dir():
-        raise NativeBuildError(
-            f"the OpenMM C++ headers are not at {include_dir} (needed: openmm/Force.h, openmm/reference/); "
-            "install an OpenMM that ships its headers (the PyPI wheel or the conda package do)"
-        )
-    if not any((lib_dir / name).exists() for name in ("libOpenMM.so", "libOpenMM.dylib")):
-        raise NativeBuildError(f"libOpenMM is not in {lib_dir}; cannot link the native plugin")
-    return include_dir, lib_dir
+    install = find_openmm()
+    return install.include_dir, install.lib_dir
 
 
 def _uses_old_cxx_abi(lib_dir: Path) -> bool:
@@ -119,19 +197,22 @@ def _compiler_version(compiler: str) -> str:
         return ""
 
 
-def _build_key(compiler: str, flags: list[str]) -> str:
-    import openmm
-    import openmm.version
-
-    digest = hashlib.sha256()
+def sources_digest() -> str:
+    """Hash of the C++ sources and the library's version tag (stamped into installed builds)."""
+    digest = hashlib.sha256(NATIVE_VERSION.encode())
     for name in HEADERS + SOURCES:
         digest.update(name.encode())
         digest.update((SOURCE_DIR / name).read_bytes())
+    return digest.hexdigest()[:20]
+
+
+def _build_key(compiler: str, flags: list[str], install: OpenMMInstall) -> str:
+    digest = hashlib.sha256()
     for part in (
-        NATIVE_VERSION,
-        openmm.__version__,
-        openmm.version.git_revision,
-        str(openmm.version.openmm_library_path),
+        sources_digest(),
+        install.version,
+        install.git_revision,
+        str(install.lib_dir),
         _compiler_version(compiler),
         " ".join(flags),
         _cpu_flags(),
@@ -149,7 +230,7 @@ def cache_directory() -> Path:
     return Path(base).expanduser() / "openmm_flowmatch" / "native"
 
 
-def _flags(include_dir: Path, lib_dir: Path) -> list[str]:
+def _flags(lib_dir: Path) -> list[str]:
     flags = list(BASE_FLAGS) + list(ARCH_FLAGS)
     flags.append(f"-DOPENMM_FLOWMATCH_NATIVE_VERSION=\"{NATIVE_VERSION}\"")
     if _uses_old_cxx_abi(lib_dir):
@@ -157,19 +238,24 @@ def _flags(include_dir: Path, lib_dir: Path) -> list[str]:
     return flags
 
 
-def library_path() -> Path:
-    """Where :func:`build_library` puts (or finds) the library for this OpenMM, compiler and CPU."""
+def _compiler_or_raise() -> str:
     compiler = find_compiler()
     if compiler is None:
         raise NativeBuildError(_no_compiler_message())
-    include_dir, lib_dir = openmm_paths()
-    return cache_directory() / _build_key(compiler, _flags(include_dir, lib_dir)) / LIBRARY_NAME
+    return compiler
+
+
+def library_path() -> Path:
+    """Where :func:`build_library` puts (or finds) the library for this OpenMM, compiler and CPU."""
+    compiler = _compiler_or_raise()
+    install = find_openmm()
+    return cache_directory() / _build_key(compiler, _flags(install.lib_dir), install) / LIBRARY_NAME
 
 
 def _no_compiler_message() -> str:
     return (
         "no C++ compiler found (set $CXX or install g++, e.g. `apt-get install g++` or "
-        "`conda install cxx-compiler`); the native CGNet kernel is compiled on first use. "
+        "`conda install cxx-compiler`), so the native CGNet kernel cannot be compiled. "
         "Use the TorchForce backend (create_system(backend='torchforce')) instead"
     )
 
@@ -195,13 +281,51 @@ def _file_lock(path: Path) -> Iterator[None]:
                 pass
 
 
+def _compile(compiler: str, install: OpenMMInstall, target: Path, verbose: bool = False) -> str:
+    """Compile the plugin into ``target`` (written under a temporary name, renamed into place).
+
+    Returns the command line used; raises :class:`NativeBuildError` with the compiler's output.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=LIBRARY_NAME)
+    os.close(handle)
+    command = [
+        compiler, *_flags(install.lib_dir), f"-I{SOURCE_DIR}", f"-I{install.include_dir}",
+        *[str(SOURCE_DIR / name) for name in SOURCES], "-o", temporary,
+        f"-L{install.lib_dir}", "-lOpenMM", f"-Wl,-rpath,{install.lib_dir}",
+    ]
+    (logger.info if verbose else logger.debug)("building the native CGNet plugin: %s", " ".join(command))
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0 and any(flag in command for flag in ARCH_FLAGS):
+            # a compiler that does not know -march=native (some ARM/Apple toolchains): plain -O3
+            retry = [part for part in command if part not in ARCH_FLAGS]
+            retried = subprocess.run(retry, capture_output=True, text=True)
+            if retried.returncode == 0:
+                command, result = retry, retried
+        if result.returncode != 0:
+            output = (result.stderr or result.stdout).strip()
+            raise NativeBuildError(
+                f"compiling the native CGNet plugin failed (exit {result.returncode}):\n{' '.join(command)}\n{output[-4000:]}"
+            )
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return " ".join(command)
+
+
 def build_library(force: bool = False, verbose: bool = False) -> Path:
-    """Compile the plugin if needed and return the path of the shared library.
+    """Compile the plugin into the per-user cache if needed and return the path of the shared library.
+
+    A failed build is recorded (``build_error.txt`` beside where the library would be) and not
+    retried automatically; ``force=True`` (or ``python -m openmm_flowmatch.native build --force``)
+    tries again.
 
     Parameters
     ----------
     force
-        Rebuild even when a library for this configuration exists.
+        Rebuild even when a library (or a failed build) for this configuration exists.
     verbose
         Log the compiler command at INFO level (it is always logged at DEBUG).
 
@@ -211,50 +335,138 @@ def build_library(force: bool = False, verbose: bool = False) -> Path:
         No C++ compiler, no OpenMM headers/library, or the compiler failed (its output is in the
         message).
     """
-    compiler = find_compiler()
-    if compiler is None:
-        raise NativeBuildError(_no_compiler_message())
-    include_dir, lib_dir = openmm_paths()
-    flags = _flags(include_dir, lib_dir)
-    target_dir = cache_directory() / _build_key(compiler, flags)
+    compiler = _compiler_or_raise()
+    install = find_openmm()
+    target_dir = cache_directory() / _build_key(compiler, _flags(install.lib_dir), install)
     target = target_dir / LIBRARY_NAME
-    if target.is_file() and not force:
-        return target
+    failure = target_dir / ERROR_NAME
     with _file_lock(target_dir.parent / (target_dir.name + ".lock")):
-        if target.is_file() and not force:  # built by another process while we waited
+        if not force and target.is_file():
             return target
-        target_dir.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=target_dir, prefix=".build-", suffix=LIBRARY_NAME)
-        os.close(handle)
-        command = [
-            compiler,
-            *flags,
-            f"-I{SOURCE_DIR}",
-            f"-I{include_dir}",
-            *[str(SOURCE_DIR / name) for name in SOURCES],
-            "-o",
-            temporary,
-            f"-L{lib_dir}",
-            "-lOpenMM",
-            f"-Wl,-rpath,{lib_dir}",
-        ]
-        (logger.info if verbose else logger.debug)("building the native CGNet plugin: %s", " ".join(command))
+        if not force and failure.is_file():
+            raise NativeBuildError(f"an earlier build of the native plugin failed (not retried automatically; "
+                                   f"`python -m openmm_flowmatch.native build --force` tries again): {failure.read_text()}")
         try:
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode != 0 and any(flag in command for flag in ARCH_FLAGS):
-                # a compiler that does not know -march=native (some ARM/Apple toolchains): plain -O3
-                retry = [part for part in command if part not in ARCH_FLAGS]
-                retried = subprocess.run(retry, capture_output=True, text=True)
-                if retried.returncode == 0:
-                    command, result = retry, retried
-            if result.returncode != 0:
-                output = (result.stderr or result.stdout).strip()
-                raise NativeBuildError(
-                    f"compiling the native CGNet plugin failed (exit {result.returncode}):\n{' '.join(command)}\n{output[-4000:]}"
-                )
-            os.replace(temporary, target)
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-        (target_dir / "build.txt").write_text(" ".join(command) + "\n")
+            command = _compile(compiler, install, target, verbose)
+        except NativeBuildError as error:
+            failure.write_text(str(error))
+            raise
+        failure.unlink(missing_ok=True)
+        (target_dir / "build.txt").write_text(command + "\n")
     return target
+
+
+def _stamp(install: OpenMMInstall) -> dict:
+    return {
+        "native_version": NATIVE_VERSION,
+        "sources": sources_digest(),
+        "openmm_version": install.version,
+        "openmm_git_revision": install.git_revision,
+        "openmm_lib_dir": str(install.lib_dir),
+    }
+
+
+def install_library(package_dir: str | Path, site_dirs: Optional[Sequence[str | Path]] = None) -> Optional[str]:
+    """Compile the plugin into ``package_dir/lib`` at install time (called by ``setup.py``); never raises.
+
+    Parameters
+    ----------
+    package_dir
+        The ``openmm_flowmatch/native`` folder being installed (the source tree for editable installs).
+    site_dirs
+        Where to look for the target environment's OpenMM (see :func:`find_openmm`).
+
+    Returns
+    -------
+    str or None
+        ``None`` on success (``lib/build.json`` names what it was built for), else the reason, which is
+        also written to ``lib/build_error.txt``.
+    """
+    lib_dir = Path(package_dir) / "lib"
+    lib_dir.mkdir(parents=True, exist_ok=True)
+    for name in (LIBRARY_NAME, STAMP_NAME, ERROR_NAME):
+        (lib_dir / name).unlink(missing_ok=True)
+    try:
+        compiler = _compiler_or_raise()
+        install = find_openmm(site_dirs)
+        command = _compile(compiler, install, lib_dir / LIBRARY_NAME)
+    except Exception as error:  # noqa: BLE001 - the install must succeed whatever happens here
+        reason = f"the native CGNet plugin was not compiled at install: {error}"
+        (lib_dir / ERROR_NAME).write_text(reason + "\n")
+        return reason
+    (lib_dir / STAMP_NAME).write_text(json.dumps({**_stamp(install), "command": command}, indent=1) + "\n")
+    return None
+
+
+def installed_library(directory: Path = INSTALL_DIR) -> tuple[Optional[Path], str]:
+    """The library compiled at install, if it fits the running OpenMM and sources; else ``(None, why not)``."""
+    library, stamp_file, error_file = directory / LIBRARY_NAME, directory / STAMP_NAME, directory / ERROR_NAME
+    if not library.is_file() or not stamp_file.is_file():
+        if error_file.is_file():
+            return None, error_file.read_text().strip()
+        return None, "no library was compiled at install (an install from a source tree without the build step)"
+    try:
+        stamp = json.loads(stamp_file.read_text())
+        expected = _stamp(find_openmm())
+    except (ValueError, NativeBuildError) as error:
+        return None, f"the library compiled at install cannot be checked: {error}"
+    differing = [key for key, value in expected.items() if stamp.get(key) != value]
+    if differing:
+        changes = ", ".join(f"{key}: {stamp.get(key)!r} -> {expected[key]!r}" for key in differing)
+        return None, f"the library compiled at install was built for another OpenMM or other sources ({changes})"
+    return library, ""
+
+
+def locate_library(build: bool = False) -> tuple[Optional[Path], str]:
+    """The plugin library to load, and why there is none (see the module docstring for the order).
+
+    Parameters
+    ----------
+    build
+        Compile into the per-user cache when no built library is found (:func:`build_library`).
+
+    Returns
+    -------
+    (Path or None, str)
+        The library, or ``None`` and a sentence saying why native is unavailable.
+    """
+    explicit = os.environ.get(LIBRARY_ENV)
+    if explicit:
+        path = Path(explicit).expanduser()
+        if path.is_file():
+            return path, ""
+        return None, f"${LIBRARY_ENV} names {path}, which does not exist"
+    library, why_not_installed = installed_library()
+    if library is not None:
+        return library, ""
+    try:
+        cached = library_path()
+        if cached.is_file():
+            return cached, ""
+        if not build:
+            return None, f"{why_not_installed}; not built in the cache either ({cached.parent})"
+        return build_library(), ""
+    except NativeBuildError as error:
+        return None, f"{why_not_installed}; and {error}"
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the plugin can be neither loaded nor built here, or ``None`` when it can.
+
+    ``None`` when a built library is found (:func:`locate_library`) or one can be compiled on first
+    use (a compiler and OpenMM's headers are present and no earlier build of this configuration
+    failed).
+    """
+    library, why = locate_library(build=False)
+    if library is not None:
+        return None
+    if os.environ.get(LIBRARY_ENV):
+        return why
+    try:
+        cached = library_path()
+    except NativeBuildError:
+        return why
+    failure = cached.parent / ERROR_NAME
+    if failure.is_file():
+        return f"{why}; an earlier build in the cache failed: {failure.read_text().strip()}"
+    return None
