@@ -379,7 +379,10 @@ def command_analyze(args: argparse.Namespace) -> None:
     model = _load_many(args.model, args.topology, args.skip)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.kind == "phi-psi":
+    kind = args.kind or ("tica" if args.native else "phi-psi")
+    native = _native_structure(args, reference, model) if args.native else None
+    _check_bead_counts(args, reference, model)
+    if kind == "phi-psi":
         comparison = analysis.compare_phi_psi(
             np.concatenate(reference), np.concatenate(model), temperature=args.temperature, bins=args.bins
         )
@@ -387,24 +390,68 @@ def command_analyze(args: argparse.Namespace) -> None:
     else:
         comparison = analysis.compare_tica(reference, model, lag=args.lag, temperature=args.temperature, bins=args.bins)
         labels = ("TIC 1", "TIC 2")
-    metrics = {args.kind: comparison.metrics}
-    if args.kind == "tica":
+    metrics = {kind: comparison.metrics}
+    if kind == "tica":
         metrics["distance_histograms_mean_js"] = analysis.distance_histograms(
             np.concatenate(reference), np.concatenate(model)
         )["mean_js_divergence"]
-        if args.native:
-            native = analysis.load_positions(args.native)[0]
-            rmsd = analysis.rmsd_to_native(np.concatenate(model), native)
-            reference_rmsd = analysis.rmsd_to_native(np.concatenate(reference), native)
-            metrics["rmsd_nm"] = {"model_mean": float(rmsd.mean()), "reference_mean": float(reference_rmsd.mean())}
+    if native is not None:
+        metrics.update(_protein_metrics(args, reference, model, native, out))
     metrics["bonded"] = _bonded_against_reference(args.reference, reference, model)
-    analysis.plot_free_energy_comparison(comparison, out / f"{args.kind}.png", labels=labels)
+    analysis.plot_free_energy_comparison(comparison, out / f"{kind}.png", labels=labels)
     analysis.write_metrics(out / "metrics.json", metrics)
     logger.info(
-        "%s: FES MSE %.4f (kcal/mol)², JS %.5f, KL %.5f over %d bins", args.kind, comparison.metrics["fes_mse"],
+        "%s: FES MSE %.4f (kcal/mol)², JS %.5f, KL %.5f over %d bins", kind, comparison.metrics["fes_mse"],
         comparison.metrics["js_divergence"], comparison.metrics["kl_divergence"], comparison.metrics["bins_compared"],
     )
-    logger.info("wrote %s and %s", out / f"{args.kind}.png", out / "metrics.json")
+    logger.info("wrote %s and %s", out / f"{kind}.png", out / "metrics.json")
+
+
+def _check_bead_counts(args: argparse.Namespace, reference: list, model: list) -> None:
+    counts = {"reference": sorted({array.shape[1] for array in reference}), "model": sorted({array.shape[1] for array in model})}
+    if len(set(counts["reference"] + counts["model"])) > 1:
+        raise CLIError(
+            f"the reference ({' '.join(args.reference)}) has {counts['reference']} beads per frame but the model "
+            f"({' '.join(args.model)}) {counts['model']}; compare trajectories of the same CG molecule"
+        )
+
+
+def _native_structure(args: argparse.Namespace, reference: list, model: list):
+    """The native structure's beads, refused (one line) when a trajectory or --topology is of another protein."""
+    from openmm_flowmatch import protein_analysis
+
+    native = protein_analysis.load_native(args.native, reference[0].shape[1])
+    for what, names, arrays in (("reference", args.reference, reference), ("model", args.model, model)):
+        for array in arrays:
+            protein_analysis.check_same_protein(array, native, f"the {what} {' '.join(names)}")
+    if args.topology and Path(args.topology).suffix.lower() == ".pdb":
+        import mdtraj
+
+        protein_analysis.check_same_protein(mdtraj.load(args.topology, frame=0), native, f"the topology {args.topology}")
+    return native
+
+
+def _protein_metrics(args: argparse.Namespace, reference: list, model: list, native, out: Path) -> dict:
+    """RMSD means (``rmsd_nm``) and every protein metric (``protein``); writes protein.png."""
+    import numpy as np
+
+    from openmm_flowmatch import analysis, protein_analysis
+
+    if args.frame_interval is None:
+        logger.warning("no --frame-interval given: transitions are counted without times and rates")
+    options = dict(
+        temperature=args.temperature, lag=args.lag, frame_interval_ps=args.frame_interval,
+        model_frame_interval_ps=args.model_frame_interval, bins=args.bins,
+    )
+    protein = protein_analysis.compare_proteins(reference, model, native, **options)
+    figure = protein_analysis.plot_protein_comparison(reference, model, native, out / "protein.png", **options)
+    logger.info("wrote %s", figure)
+    model_rmsd = analysis.rmsd_to_native(np.concatenate(model), native.positions)
+    reference_rmsd = analysis.rmsd_to_native(np.concatenate(reference), native.positions)
+    return {
+        "protein": protein,
+        "rmsd_nm": {"model_mean": float(model_rmsd.mean()), "reference_mean": float(reference_rmsd.mean())},
+    }
 
 
 def _bonded_against_reference(reference_paths: Sequence[str], reference: list, model: list) -> dict:
@@ -661,13 +708,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--reference", nargs="+", required=True, help="reference data files/trajectories (or directories)")
     sub.add_argument("--model", nargs="+", required=True, help="model trajectories/data (or simulation directories)")
     sub.add_argument("--out", required=True, help="output directory for metrics.json and the PNG")
-    sub.add_argument("--kind", default="phi-psi", choices=["phi-psi", "tica"], help="φ/ψ (5-bead alanine dipeptide) or TICA (proteins)")
+    sub.add_argument(
+        "--kind", default=None, choices=["phi-psi", "tica"],
+        help="φ/ψ (5-bead alanine dipeptide) or TICA (proteins); default: tica with --native, else phi-psi",
+    )
     sub.add_argument("--topology", default=None, help="CG PDB for DCD/XTC files (default: topology.pdb next to them)")
     sub.add_argument("--temperature", type=float, default=300.0, help="temperature for kT (K)")
     sub.add_argument("--bins", type=int, default=60, help="histogram bins per axis")
     sub.add_argument("--lag", type=int, default=100, help="TICA lag (frames)")
     sub.add_argument("--skip", type=float, default=0.1, help="fraction of each model trajectory dropped as equilibration")
-    sub.add_argument("--native", default=None, help="native CG structure for RMSD (TICA analysis)")
+    sub.add_argument(
+        "--native", default=None,
+        help="native structure (all-atom PDB, mapped to Cα, or CG PDB): protein mode, adding RMSD, fraction folded, "
+        "transitions, Rg, contact maps and protein.png (docs/proteins.md)",
+    )
+    sub.add_argument("--frame-interval", type=float, default=None, help="time between reference frames (ps), for transition rates")
+    sub.add_argument("--model-frame-interval", type=float, default=None, help="time between model frames (ps); default --frame-interval")
 
     sub = add("demo", command_demo, "End-to-end alanine-dipeptide demo (reference → flow → teacher → force field → OpenMM → φ/ψ).")
     sub.add_argument("--out", required=True, help="output directory; stages done before are skipped")
