@@ -856,6 +856,7 @@ class FlowMatchForceField:
             raise ArtifactError(f"replicas must be >= 1, got {replicas}")
         if n_atoms != n_beads * replicas:
             raise ArtifactError(self._count_message(n_atoms, f"{replicas} replicas ×"))
+        self._check_copies(cg_topology, replicas)
         self._check_names(cg_topology)
         system = build_cg_system(cg_topology, None, np.tile(self.masses, replicas))
         priors = self.priors
@@ -878,6 +879,27 @@ class FlowMatchForceField:
             "build it with the artifact's mapping (FlowMatchForceField.mapping.cg_topology()) and "
             "openmm_flowmatch.export.replicate_topology for several copies"
         )
+
+    def _check_copies(self, cg_topology: Any, replicas: int) -> None:
+        """Refuse a topology whose chains or bonds join atoms of two copies: one molecule of another
+        bead count (e.g. a 10-bead Cα chain given to a 5-bead force field), not ``replicas`` copies."""
+        if replicas == 1:
+            return
+        n_beads = self.n_beads
+        crossing = [a for a, b in cg_topology.bonds() if a.index // n_beads != b.index // n_beads]
+        for chain in cg_topology.chains():
+            atoms = list(chain.atoms())
+            copies = {atom.index // n_beads for atom in atoms}
+            if len(copies) > 1 or any(atom.residue.chain is chain for atom in crossing):
+                residues = " ".join(residue.name for residue in chain.residues())
+                where = f" ({self.path})" if self.path is not None else ""
+                raise ArtifactError(
+                    f"the CG topology is one molecule of {len(atoms)} beads in chain {chain.id} ({residues}), not "
+                    f"{replicas} copies of the force field's {n_beads} beads{where} "
+                    f"({' '.join(self._metadata.get('residue_names') or [])}); its CG map does not match this "
+                    "force field: build the topology with the artifact's mapping "
+                    "(FlowMatchForceField.mapping.cg_topology()) and replicate_topology for several copies"
+                )
 
     def _check_names(self, cg_topology: Any) -> None:
         names = self._metadata.get("bead_names") or []

@@ -49,6 +49,14 @@ class MappingError(ValueError):
     """A CG mapping cannot be built or applied; the message names the atom/residue/file."""
 
 
+MAX_ALPHA_CARBON_DISTANCE_NM: float = 0.45
+"""Consecutive Cα of one chain farther apart than this (nm) mean a chain break (a missing residue):
+trans peptides put them 0.38 nm apart, cis peptides 0.29 nm."""
+
+MAX_PEPTIDE_BOND_NM: float = 0.2
+"""A C(i)–N(i+1) distance above this (nm) is no peptide bond (its length is 0.133 nm)."""
+
+
 # --------------------------------------------------------------------------------------------
 # topology helpers
 # --------------------------------------------------------------------------------------------
@@ -75,10 +83,15 @@ def _as_mdtraj_topology(topology: Any):
 
 
 def _load_structure_file(path: str):
+    """The structure with its first frame (an ``mdtraj.Trajectory``), or its topology alone if no frame reads."""
     import mdtraj
 
     if not Path(path).is_file():
         raise MappingError(f"structure file {path!r} does not exist")
+    try:
+        return mdtraj.load(path, frame=0)
+    except Exception:  # a topology-only file (e.g. PSF/PRMTOP) or one mdtraj cannot read: see below
+        logger.debug("no coordinates read from %s; reading its topology alone", path)
     try:
         return mdtraj.load_topology(path)
     except Exception as error:
@@ -135,6 +148,41 @@ def _find_atom(residue, name: str, map_name: str):
 
 def _is_amino_acid(residue) -> bool:
     return bool(residue.is_protein) and residue.name not in _BACKBONE_CAP_ATOMS
+
+
+def _atom_named(residue, name: str):
+    return next((atom for atom in residue.atoms if atom.name == name), None)
+
+
+def _chain_gap(previous, following, positions: np.ndarray) -> str | None:
+    """What breaks the chain between two consecutive residues, or ``None``."""
+    carbon, nitrogen = _atom_named(previous, "C"), _atom_named(following, "N")
+    if carbon is not None and nitrogen is not None:
+        distance = float(np.linalg.norm(positions[nitrogen.index] - positions[carbon.index]))
+        if distance > MAX_PEPTIDE_BOND_NM:
+            return f"C–N {distance:.2f} nm > {MAX_PEPTIDE_BOND_NM} nm, no peptide bond"
+    first, second = _atom_named(previous, "CA"), _atom_named(following, "CA")
+    if first is not None and second is not None:
+        distance = float(np.linalg.norm(positions[second.index] - positions[first.index]))
+        if distance > MAX_ALPHA_CARBON_DISTANCE_NM:
+            return f"Cα–Cα {distance:.2f} nm > {MAX_ALPHA_CARBON_DISTANCE_NM} nm"
+    return None
+
+
+def _check_chain_continuity(topology, positions: np.ndarray) -> None:
+    """Refuse a chain with a missing residue (a gap between consecutive amino acids)."""
+    if positions.shape[0] != topology.n_atoms:
+        raise MappingError(f"{positions.shape[0]} positions for a topology of {topology.n_atoms} atoms")
+    for chain in topology.chains:
+        residues = [residue for residue in chain.residues if _is_amino_acid(residue)]
+        for previous, following in zip(residues[:-1], residues[1:]):
+            gap = _chain_gap(previous, following, positions)
+            if gap is not None:
+                raise MappingError(
+                    f"chain break between {_describe_residue(previous)} and {_describe_residue(following)} "
+                    f"({gap}): a residue is missing; complete the structure (openmm_flowmatch.topology.fix_pdb "
+                    "with add_missing_residues=True) or put the two parts in separate chains"
+                )
 
 
 def _chain_bonds(chain_indices: Sequence[int]) -> list[tuple[int, int]]:
@@ -391,17 +439,34 @@ class CGMapping:
 
     @classmethod
     @_accepts_structure_file
-    def alpha_carbons(cls, topology: Any) -> CGMapping:
+    def alpha_carbons(cls, topology: Any, positions: Any = None) -> CGMapping:
         """One bead on the Cα of every amino-acid residue.
 
-        Capping groups (ACE, NME, ...) and non-protein residues get no bead.
+        Capping groups (ACE, NME, ...) and non-protein residues get no bead. Where coordinates are
+        known (a structure file, an ``mdtraj.Trajectory``, or ``positions``) the chains are
+        checked for breaks first: consecutive residues of a chain whose Cα are more than
+        :data:`MAX_ALPHA_CARBON_DISTANCE_NM` (0.45 nm) apart, or whose C(i)–N(i+1) is longer than
+        :data:`MAX_PEPTIDE_BOND_NM` (0.2 nm), have a missing residue between them, and a Cα bond
+        across the gap would be wrong.
+
+        Parameters
+        ----------
+        topology
+            All-atom mdtraj or OpenMM topology, ``mdtraj.Trajectory`` or structure file path.
+        positions
+            Optional ``(atoms, 3)`` nm (array or quantity) for the chain-break check.
 
         Raises
         ------
         MappingError
-            If an amino-acid residue has no ``CA`` atom, or the topology has no amino acid.
+            If an amino-acid residue has no ``CA`` atom, the topology has no amino acid, or a chain
+            has a break (the message names the two residues).
         """
+        if positions is None and hasattr(topology, "xyz") and hasattr(topology, "topology"):
+            positions = topology.xyz[0]
         topology = _as_mdtraj_topology(topology)
+        if positions is not None:
+            _check_chain_continuity(topology, _as_array(positions, "positions").reshape(-1, 3))
         groups = [
             [_find_atom(residue, "CA", "alpha-carbon").index]
             for residue in topology.residues

@@ -21,6 +21,11 @@ class TopologyError(ValueError):
     """A structure file cannot be read or fixed; the message names the file and what to do."""
 
 
+MAX_ALPHA_CARBON_DISTANCE_NM: float = 0.45
+"""Consecutive Cα beads of one chain farther apart than this (nm) mean a missing residue (trans
+peptides put them 0.38 nm apart, cis peptides 0.29 nm)."""
+
+
 def load_topology(source: Any):
     """Return an ``mdtraj.Topology`` for a file, an mdtraj or an OpenMM topology.
 
@@ -216,11 +221,13 @@ def read_cg_topology(pdb: str | os.PathLike, bonds: list[tuple[int, int]] | None
     if not path.is_file():
         raise TopologyError(f"CG structure file {str(path)!r} does not exist")
     try:
-        source = app.PDBFile(str(path)).topology
+        structure = app.PDBFile(str(path))
     except Exception as error:
         raise TopologyError(
             f"cannot read CG structure {str(path)!r} ({type(error).__name__}: {error})"
         ) from error
+    source = structure.topology
+    _check_alpha_carbon_chains(source, structure.getPositions(asNumpy=True), path)
     topology = app.Topology()
     atoms = []
     chain_of_atom = []
@@ -245,6 +252,26 @@ def read_cg_topology(pdb: str | os.PathLike, bonds: list[tuple[int, int]] | None
     if box is not None:
         logger.info("%s has a periodic box; CG models are non-periodic and ignore it", path)
     return topology
+
+
+def _check_alpha_carbon_chains(topology: Any, positions: Any, path: Path) -> None:
+    """Refuse a Cα bead chain with a gap (a missing residue) between consecutive CA beads."""
+    import openmm.unit as unit
+
+    coordinates = np.asarray(positions.value_in_unit(unit.nanometer))
+    for chain in topology.chains():
+        atoms = [atom for atom in chain.atoms()]
+        for previous, following in zip(atoms[:-1], atoms[1:]):
+            if previous.name != "CA" or following.name != "CA":
+                continue
+            distance = float(np.linalg.norm(coordinates[following.index] - coordinates[previous.index]))
+            if distance > MAX_ALPHA_CARBON_DISTANCE_NM:
+                raise TopologyError(
+                    f"{str(path)!r}: chain break between residue {previous.residue.name}{previous.residue.id} and "
+                    f"{following.residue.name}{following.residue.id} of chain {chain.id} (Cα–Cα {distance:.2f} nm > "
+                    f"{MAX_ALPHA_CARBON_DISTANCE_NM} nm): a residue is missing; use a complete structure or put the "
+                    "two parts in separate chains"
+                )
 
 
 def write_cg_pdb(topology: Any, positions: Any, path: str | os.PathLike) -> Path:

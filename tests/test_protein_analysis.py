@@ -218,3 +218,97 @@ def test_analyze_native_protein_mode(chignolin_frames, chignolin_pdb_path, tmp_p
     assert cli.main(arguments) == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "5 beads" in error[0] and "chignolin_cln025.pdb" in error[0]
+
+
+# ------------------------------------------------------------------------------ bad structures and maps
+
+
+def write_without_residue(source: Path, target: Path, residue_number: int, shift_after: np.ndarray | None = None) -> Path:
+    """Copy a PDB without one residue, or (``shift_after``, Å) with the residues after it moved rigidly."""
+    lines = []
+    for line in source.read_text().splitlines():
+        if line.startswith(("ATOM", "HETATM")):
+            number = int(line[22:26])
+            if shift_after is None and number == residue_number:
+                continue
+            if shift_after is not None and number > residue_number:
+                xyz = np.array([float(line[30:38]), float(line[38:46]), float(line[46:54])]) + shift_after
+                line = f"{line[:30]}{xyz[0]:8.3f}{xyz[1]:8.3f}{xyz[2]:8.3f}{line[54:]}"
+        elif line.startswith("CONECT"):
+            continue
+        lines.append(line)
+    target.write_text("\n".join(lines) + "\n")
+    return target
+
+
+def test_chain_break_is_refused_naming_the_residues(chignolin_pdb_path, tmp_path):
+    from openmm_flowmatch.mapping import MappingError
+
+    assert CGMapping.alpha_carbons(str(chignolin_pdb_path)).n_beads == 10  # the intact chain passes
+    gap = write_without_residue(chignolin_pdb_path, tmp_path / "no_glu5.pdb", 5)
+    with pytest.raises(MappingError, match=r"no_glu5.pdb: chain break between residue PRO4 .* and residue THR6 .*C–N 0.40 nm"):
+        CGMapping.alpha_carbons(str(gap))
+    structure = mdtraj.load(str(gap))
+    with pytest.raises(MappingError, match="PRO4.*THR6"):
+        CGMapping.alpha_carbons(structure)  # a Trajectory brings its coordinates
+    with pytest.raises(MappingError, match="PRO4.*THR6"):
+        CGMapping.alpha_carbons(structure.topology, positions=structure.xyz[0])
+    # a stretched peptide bond (residues 6-10 moved 0.09 nm along C(5)→N(6)): no missing residue, still no chain
+    intact = mdtraj.load(str(chignolin_pdb_path))
+    carbon = intact.topology.select("resSeq 5 and name C")[0]
+    nitrogen = intact.topology.select("resSeq 6 and name N")[0]
+    direction = intact.xyz[0, nitrogen] - intact.xyz[0, carbon]
+    shift = 0.9 * direction / np.linalg.norm(direction)  # Å
+    stretched = write_without_residue(chignolin_pdb_path, tmp_path / "stretched.pdb", 5, shift_after=shift)
+    with pytest.raises(MappingError, match=r"GLU5 .* and residue THR6 .*C–N 0\.2\d nm > 0.2 nm"):
+        CGMapping.alpha_carbons(str(stretched))
+
+
+def test_cg_topology_with_a_chain_break_is_refused(chignolin_native, tmp_path):
+    from openmm_flowmatch.topology import TopologyError, read_cg_topology, write_cg_pdb
+
+    mapping = CGMapping.alpha_carbons(str(Path(protein_analysis.__file__).parent / "resources" / "chignolin_cln025.pdb"))
+    intact = write_cg_pdb(mapping.cg_topology(), chignolin_native, tmp_path / "cln025_ca.pdb")
+    assert read_cg_topology(intact).getNumAtoms() == 10
+    broken = write_without_residue(intact, tmp_path / "cln025_ca_gap.pdb", 5)
+    with pytest.raises(TopologyError, match=r"chain break between residue PRO4 and THR6 .*Cα–Cα"):
+        read_cg_topology(broken)
+
+
+def test_cg_map_of_another_bead_count_is_refused_at_create_system(chignolin_pdb_path, tmp_path):
+    import torch
+
+    from openmm_flowmatch.artifact_formats import ArtifactError
+    from openmm_flowmatch.export import FlowMatchForceField, export_force_field
+    from openmm_flowmatch.forcefield import CGNet, InvariantFeatures
+    from openmm_flowmatch.priors import Priors
+    from openmm_flowmatch.topology import replicate_topology
+
+    alanine = CGMapping.backbone(str(chignolin_pdb_path.parent / "alanine_dipeptide.pdb"))
+    positions = alanine.map_positions(mdtraj.load(str(chignolin_pdb_path.parent / "alanine_dipeptide.pdb")).xyz)
+    frames = positions + 0.01 * np.random.default_rng(0).normal(size=(20, 5, 3))
+    torch.manual_seed(0)
+    model = CGNet(InvariantFeatures.from_positions(frames, alanine.bonds), hidden_width=8, n_layers=1)
+    path = export_force_field(
+        model, tmp_path / "ala2.pt", priors=Priors.fit(frames, alanine.bonds, 300.0), mapping=alanine,
+        temperature=300.0, exported_program=False,
+    )
+    force_field = FlowMatchForceField.load(path)
+    chignolin = CGMapping.alpha_carbons(str(chignolin_pdb_path)).cg_topology()  # 10 beads = 2 × 5, one chain
+    with pytest.raises(ArtifactError, match=r"one molecule of 10 beads .*TYR TYR ASP.* not 2 copies .*5 beads.*ACE"):
+        force_field.create_system(chignolin)
+    with pytest.raises(ArtifactError, match=r"one molecule of 10 beads"):
+        force_field.create_system(chignolin, replicas=2)
+    assert force_field.create_system(replicate_topology(alanine.cg_topology(), 2), backend=None).getNumParticles() == 10
+
+
+def test_mapping_of_another_protein_is_refused_by_from_trajectory(chignolin_pdb_path, tmp_path):
+    from openmm_flowmatch.data.dataset import CGDataset, DatasetError
+
+    structure = mdtraj.load(str(chignolin_pdb_path))
+    structure.save_dcd(str(tmp_path / "native.dcd"))
+    mapping = CGMapping.alpha_carbons(structure.topology).to_dict()
+    assert CGDataset.from_trajectory(tmp_path / "native.dcd", chignolin_pdb_path, mapping, temperature=340.0).n_beads == 10
+    mapping["residue_names"] = ["ALA"] * 10  # a map written for another decapeptide with the same atom count
+    with pytest.raises(DatasetError, match=r"another molecule .*ALA ALA.*TYR TYR.*first at bead 0: ALA vs TYR"):
+        CGDataset.from_trajectory(tmp_path / "native.dcd", chignolin_pdb_path, mapping, temperature=340.0)

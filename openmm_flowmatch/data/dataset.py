@@ -451,6 +451,7 @@ class CGDataset(torch.utils.data.Dataset):
                 f"the mapping refers to {cg_mapping.n_atoms} atoms but {str(topology_path)!r} has "
                 f"{md_topology.n_atoms}; build the mapping from this topology"
             )
+        _check_mapping_residues(cg_mapping, md_topology, topology_path)
         datasets = []
         for path in files:
             n_atoms = _trajectory_atom_count(path)
@@ -610,6 +611,19 @@ def _resolve_mapping(mapping: Any, topology, mapping_class):
     if isinstance(mapping, dict):
         return mapping_class.from_dict(mapping)
     return mapping
+
+
+def _check_mapping_residues(mapping: Any, topology, topology_path: Path) -> None:
+    """Refuse a mapping of another protein: its beads' residue names must be those of the topology's atoms."""
+    atoms = list(topology.atoms)
+    found = [atoms[bead_atoms[0]].residue.name for bead_atoms in mapping.bead_atoms]
+    if found != list(mapping.residue_names):
+        bead = next(index for index, (a, b) in enumerate(zip(found, mapping.residue_names)) if a != b)
+        raise DatasetError(
+            f"the mapping is of another molecule than {str(topology_path)!r}: its beads sit on residues "
+            f"{' '.join(mapping.residue_names)}, the topology's atoms there are in {' '.join(found)} (first at bead "
+            f"{bead}: {mapping.residue_names[bead]} vs {found[bead]}); build the mapping from this topology"
+        )
 
 
 def _trajectory_atom_count(path: Path) -> int | None:
