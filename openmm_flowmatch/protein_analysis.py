@@ -539,6 +539,7 @@ def compare_proteins(
     bins: int = 60,
     folded_threshold: float = FOLDED_THRESHOLD_NM,
     contact_cutoff: float = CONTACT_CUTOFF_NM,
+    reference_frame_interval_ps: float | None = None,
 ) -> dict[str, Any]:
     """All protein metrics of a model against a reference, as plain numbers.
 
@@ -564,6 +565,8 @@ def compare_proteins(
         RMSD (nm) below which a frame counts as folded.
     contact_cutoff
         Cα–Cα contact distance (nm).
+    reference_frame_interval_ps
+        Another name of ``frame_interval_ps`` (give one of the two).
 
     Returns
     -------
@@ -581,6 +584,7 @@ def compare_proteins(
         If a trajectory is of another protein than ``native`` (bead count or residue names),
         or the reference is shorter than the TICA lag.
     """
+    frame_interval_ps = _reference_interval(frame_interval_ps, reference_frame_interval_ps)
     structure = load_native(native, _bead_count(reference))
     reference_list = _checked_replicas(reference, structure, "the reference")
     model_list = _checked_replicas(model, structure, "the model")
@@ -612,6 +616,17 @@ def compare_proteins(
     return result
 
 
+def _reference_interval(frame_interval_ps: float | None, reference_frame_interval_ps: float | None) -> float | None:
+    """The reference frame interval given under either name."""
+    if frame_interval_ps is not None and reference_frame_interval_ps is not None:
+        if float(frame_interval_ps) != float(reference_frame_interval_ps):
+            raise AnalysisError(
+                f"frame_interval_ps ({frame_interval_ps}) and reference_frame_interval_ps ({reference_frame_interval_ps}) "
+                "name the same setting; give one"
+            )
+    return frame_interval_ps if frame_interval_ps is not None else reference_frame_interval_ps
+
+
 def _log_summary(result: dict[str, Any]) -> None:
     logger.info(
         "TICA JS %.4f, FES MSE %.3f (kcal/mol)²; folded %.3f (model) vs %.3f (reference); RMSD JS %.4f, Rg JS %.4f; "
@@ -629,12 +644,12 @@ def _log_summary(result: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _labelled_models(models: Any) -> dict[str, Any]:
+def _labelled_models(models: Any, label: str) -> dict[str, Any]:
     if isinstance(models, Mapping):
         if not models:
             raise AnalysisError("no models given (an empty mapping)")
         return dict(models)
-    return {"model": models}
+    return {str(label): models}
 
 
 def _plot_surface(axis: Any, surface: Any, title: str, max_free_energy: float) -> Any:
@@ -675,6 +690,8 @@ def plot_protein_comparison(
     replicas_shown: int = 3,
     contact_cutoff: float = CONTACT_CUTOFF_NM,
     max_free_energy: float = 8.0,
+    label: str = "model",
+    reference_frame_interval_ps: float | None = None,
 ) -> Path:
     """One PNG: TICA free energies (reference and each model), RMSD and Rg histograms, the
     contact-map difference of the first model, and RMSD time series of a few replicas.
@@ -695,6 +712,10 @@ def plot_protein_comparison(
         RMSD time series drawn per data set.
     max_free_energy
         Top of the free-energy colour scale (kcal/mol).
+    label
+        Name of the model when ``models`` is a single model.
+    reference_frame_interval_ps
+        Another name of ``frame_interval_ps``.
 
     Returns
     -------
@@ -706,28 +727,30 @@ def plot_protein_comparison(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    frame_interval_ps = _reference_interval(frame_interval_ps, reference_frame_interval_ps)
     structure = load_native(native, _bead_count(reference))
     reference_list = _checked_replicas(reference, structure, "the reference")
-    model_lists = {label: _checked_replicas(item, structure, label) for label, item in _labelled_models(models).items()}
+    labelled = _labelled_models(models, label)
+    model_lists = {name: _checked_replicas(item, structure, f"model {name!r}") for name, item in labelled.items()}
     model_interval = frame_interval_ps if model_frame_interval_ps is None else model_frame_interval_ps
-    surfaces = {label: analysis.compare_tica(reference_list, item, lag, temperature, bins) for label, item in model_lists.items()}
+    surfaces = {name: analysis.compare_tica(reference_list, item, lag, temperature, bins) for name, item in model_lists.items()}
     sets = {"reference": reference_list, **model_lists}
-    observables = {label: _observables(item, structure) for label, item in sets.items()}
+    observables = {name: _observables(item, structure) for name, item in sets.items()}
 
     columns = max(4, 1 + len(model_lists))
     figure, axes = plt.subplots(2, columns, figsize=(4.3 * columns, 8.0), constrained_layout=True, squeeze=False)
     first_surface = next(iter(surfaces.values()))
     image = _plot_surface(axes[0, 0], first_surface.reference, f"reference ({first_surface.reference.n_samples} frames)", max_free_energy)
-    for column, (label, comparison) in enumerate(surfaces.items(), start=1):
-        title = f"{label}: JS {comparison.metrics['js_divergence']:.3f}, MSE {comparison.metrics['fes_mse']:.2f}"
+    for column, (name, comparison) in enumerate(surfaces.items(), start=1):
+        title = f"{name}: JS {comparison.metrics['js_divergence']:.3f}, MSE {comparison.metrics['fes_mse']:.2f}"
         image = _plot_surface(axes[0, column], comparison.model, title, max_free_energy)
     figure.colorbar(image, ax=axes[0, : 1 + len(surfaces)].tolist(), label="F (kcal/mol)")
     for column in range(1 + len(surfaces), columns):
         axes[0, column].axis("off")
 
-    _plot_histograms(axes[1, 0], {label: item["rmsd"] for label, item in observables.items()}, "Cα RMSD to native (nm)", bins)
+    _plot_histograms(axes[1, 0], {name: item["rmsd"] for name, item in observables.items()}, "Cα RMSD to native (nm)", bins)
     axes[1, 0].axvline(FOLDED_THRESHOLD_NM, color="grey", linestyle=":", linewidth=1)
-    _plot_histograms(axes[1, 1], {label: item["radius_of_gyration"] for label, item in observables.items()}, "Rg (nm)", bins)
+    _plot_histograms(axes[1, 1], {name: item["radius_of_gyration"] for name, item in observables.items()}, "Rg (nm)", bins)
     first_label, first_model = next(iter(model_lists.items()))
     difference = contact_map_difference(contact_map(first_model, contact_cutoff), contact_map(reference_list, contact_cutoff))
     contact_image = axes[1, 2].imshow(difference, cmap="RdBu_r", vmin=-1.0, vmax=1.0, origin="lower")

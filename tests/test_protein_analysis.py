@@ -163,6 +163,8 @@ def test_compare_proteins_with_itself_is_zero_and_tells_halves_apart(chignolin_f
     assert itself["fraction_folded"]["model"] == itself["fraction_folded"]["reference"] == pytest.approx(0.176, abs=0.001)
     assert itself["transitions"]["model"] == itself["transitions"]["reference"]
     assert itself["transitions"]["reference"]["simulated_time_us"] == pytest.approx(425 * 80e-6)
+    renamed = protein_analysis.compare_proteins(runs, runs, chignolin_pdb_path, 340.0, lag=10, reference_frame_interval_ps=80.0)
+    assert renamed["transitions"] == itself["transitions"]
     # only the unfolded frames (weight w of the reference) as a "model": where the model is the reference
     # restricted to a region, JS = ½[w ln(2w/(1+w)) + (1−w) ln 2 + ln(2/(1+w))] on the RMSD histogram
     rmsd = rmsd_to_native(chignolin_frames, protein_analysis.load_native(chignolin_pdb_path).positions)
@@ -183,6 +185,14 @@ def test_plot_protein_comparison_writes_png(chignolin_frames, chignolin_pdb_path
         lag=10, frame_interval_ps=80.0,
     )
     assert path.read_bytes()[:4] == b"\x89PNG"
+    single = protein_analysis.plot_protein_comparison(
+        runs, runs[1], chignolin_pdb_path, tmp_path / "single.png", 340.0, lag=10, label="second run",
+    )
+    assert single.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(AnalysisError, match=r"model 'short' \(5 beads\)"):
+        protein_analysis.plot_protein_comparison(
+            runs, {"short": runs[1][:, :5]}, chignolin_pdb_path, tmp_path / "bad.png", 340.0, lag=10,
+        )
 
 
 def test_another_protein_is_refused_naming_both(chignolin_frames, chignolin_pdb_path):
