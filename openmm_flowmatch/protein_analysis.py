@@ -740,7 +740,8 @@ def plot_protein_comparison(
     columns = max(4, 1 + len(model_lists))
     figure, axes = plt.subplots(2, columns, figsize=(4.3 * columns, 8.0), constrained_layout=True, squeeze=False)
     first_surface = next(iter(surfaces.values()))
-    image = _plot_surface(axes[0, 0], first_surface.reference, f"reference ({first_surface.reference.n_samples} frames)", max_free_energy)
+    reference_title = f"reference ({first_surface.reference.n_samples} frames)"
+    image = _plot_surface(axes[0, 0], first_surface.reference, reference_title, max_free_energy)
     for column, (name, comparison) in enumerate(surfaces.items(), start=1):
         title = f"{name}: JS {comparison.metrics['js_divergence']:.3f}, MSE {comparison.metrics['fes_mse']:.2f}"
         image = _plot_surface(axes[0, column], comparison.model, title, max_free_energy)
