@@ -676,8 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--checkpoint-interval", type=int, default=None, help="steps between checkpoints (default 10 frames)")
     sub.add_argument("--format", default="dcd", choices=["dcd", "xtc"], help="trajectory format")
     sub.add_argument(
-        "--backend", default=None, choices=["torchforce", "native", "exported", "pythonforce", "pythontorchforce"],
-        help="network backend (default: TorchForce where openmm-torch is installed; see docs/compatibility.md)",
+        "--backend", default="auto", choices=["auto", "torchforce", "native", "exported", "pythonforce", "pythontorchforce"],
+        help="network backend (default auto: the native C++ kernel where it is built and exact for the network and "
+             "platform, else TorchForce; the choice is logged; see docs/native.md, docs/compatibility.md)",
     )
     sub.add_argument("--min-distance", type=float, default=0.05, help="beads closer than this (nm) stop the run as a blow-up")
     sub.add_argument("--restart", action="store_true", help="start again instead of continuing from checkpoints")

@@ -324,3 +324,91 @@ def test_create_system_native_backend_equals_torchforce(artifacts, mapping, conf
         results[backend] = _energy_forces(_context(system, "CPU"), positions)
     assert results["native"][0] == pytest.approx(results["torchforce"][0], rel=1e-10, abs=1e-10)
     np.testing.assert_allclose(results["native"][1], results["torchforce"][1], rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------ GPU kernel (common compute layer)
+def _opencl_missing() -> str:
+    try:
+        openmm.Platform.getPlatformByName("OpenCL")
+    except Exception:  # noqa: BLE001 - OpenMM raises a plain Exception for unknown platforms
+        return "no OpenCL platform in OpenMM (install an OpenCL runtime, e.g. Debian's pocl-opencl-icd)"
+    return ""
+
+
+needs_opencl = pytest.mark.skipif(bool(_opencl_missing()), reason=_opencl_missing() or "OpenCL present")
+SINGLE_RTOL = 1e-5  # OpenCL's default single precision (float positions, network and features)
+
+
+def _opencl_context(system, precision: str) -> openmm.Context:
+    from openmm_flowmatch.native import gpu_unavailable_reasons, native_platforms
+
+    if "OpenCL" not in native_platforms():
+        pytest.fail(f"OpenMM has an OpenCL platform but the native OpenCL kernel is missing: {gpu_unavailable_reasons()}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("OpenCL"),
+                              {"Precision": precision})
+
+
+def _overlapping_copies(configurations: np.ndarray, replicas: int, offset: int) -> np.ndarray:
+    """R configurations near the origin (float32 positions far from it would limit single precision)."""
+    return np.concatenate([configurations[(offset + r) % len(configurations)] for r in range(replicas)])
+
+
+@needs_opencl
+@pytest.mark.parametrize("replicas", [1, 3, 40])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_opencl_kernel_equals_torchscript(artifacts, configurations, name, replicas):
+    """Single precision: energy within 1e-5 of the energy scale, forces within 1e-5·max|F|; double: 1e-9.
+
+    The energy scale is max(Σ_r |E_r|, 1 kJ/mol) over the copies' energies E_r: the total of R copies
+    can cancel to almost nothing (0.015 kJ/mol from copies of ±20 kJ/mol), below what float32 resolves.
+    """
+    force_field = FlowMatchForceField.load(artifacts[name])
+    system = _network_system(native_network_force(force_field, replicas), 5 * replicas)
+    contexts = {precision: _opencl_context(system, precision) for precision in ("single", "double")}
+    for offset in (0, 7):
+        positions = _overlapping_copies(configurations, replicas, offset)
+        expected_energy, expected_forces = _torch_reference(force_field, positions)
+        scale = max(sum(abs(_torch_reference(force_field, copy)[0]) for copy in positions.reshape(replicas, 5, 3)), 1.0)
+        for precision, tolerance in (("single", SINGLE_RTOL), ("double", 1e-9)):
+            energy, forces = _energy_forces(contexts[precision], positions)
+            assert abs(energy - expected_energy) <= tolerance * scale, (precision, energy, expected_energy, scale)
+            assert np.abs(forces - expected_forces).max() <= tolerance * np.abs(expected_forces).max(), precision
+
+
+@needs_opencl
+def test_opencl_dynamics_with_priors_after_xml_round_trip(artifacts, mapping, configurations):
+    """A serialized native System (priors + CGNetForce) runs Langevin dynamics on OpenCL; afterwards
+    (atoms possibly reordered by OpenMM) its energy and forces equal the TorchForce System's on CPU."""
+    from openmm_flowmatch.topology import replicate_topology
+
+    force_field = FlowMatchForceField.load(artifacts["ala2-tanh"])
+    replicas = 8
+    topology = replicate_topology(mapping.cg_topology(), replicas)
+    system = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(
+        force_field.create_system(topology, backend="native")))
+    integrator = openmm.LangevinMiddleIntegrator(TEMPERATURE, 1.0, 0.002)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("OpenCL"), {"Precision": "single"})
+    context.setPositions(_overlapping_copies(configurations, replicas, 0))
+    context.setVelocitiesToTemperature(TEMPERATURE, 1)
+    integrator.step(600)
+    positions = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+    assert np.all(np.isfinite(positions))
+    energy, forces = _energy_forces(context, positions)
+    reference = force_field.create_system(topology, backend="torchforce")
+    expected_energy, expected_forces = _energy_forces(_context(reference, "CPU"), positions)
+    assert abs(energy - expected_energy) <= SINGLE_RTOL * max(abs(expected_energy), 1.0)
+    assert np.abs(forces - expected_forces).max() <= SINGLE_RTOL * np.abs(expected_forces).max()
+
+
+@needs_opencl
+def test_auto_backend_uses_the_opencl_kernel(artifacts, mapping):
+    from openmm_flowmatch.topology import replicate_topology
+
+    force_field = FlowMatchForceField.load(artifacts["tiny-tanh"])
+    assert force_field.auto_backend("OpenCL")[0] == "native"
+    system = force_field.create_system(replicate_topology(mapping.cg_topology(), 2), platform_hint="OpenCL")
+    assert 'type="CGNetForce"' in openmm.XmlSerializer.serialize(system)

@@ -133,8 +133,11 @@ def test_auto_chooses_native_for_a_cgnet_on_cpu(cgnet, setting, caplog):
 
 
 def test_auto_refuses_other_platforms_and_networks(cgnet, setting, tmp_path):
-    backend, reason = cgnet.auto_backend("CUDA")
-    assert backend == "torchforce" and "no implementation for the CUDA platform" in reason
+    backend, reason = cgnet.auto_backend("HIP")
+    assert backend == "torchforce" and "no implementation for the HIP platform" in reason
+    if "CUDA" not in native.native_platforms():
+        backend, reason = cgnet.auto_backend("CUDA")
+        assert backend == "torchforce" and "CUDA platform is unavailable" in reason
     mapping, _, _ = setting
     torch.manual_seed(0)
     model = MessagePassingNet([0, 1, 2, 3, 1], bonds=mapping.bonds, hidden_width=8, n_interactions=1, n_radial=4)

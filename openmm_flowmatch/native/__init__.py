@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Optional
 
 from .build import (
+    GPU_PLATFORMS,
     LIBRARY_ENV,
     NativeBuildError,
     build_library,
@@ -65,18 +66,21 @@ __all__ = [
     "force_xml",
     "load_native_plugin",
     "NATIVE_PLATFORMS",
+    "gpu_unavailable_reasons",
     "native_available",
     "native_choice",
+    "native_platforms",
     "native_network_force",
     "native_unavailable_reason",
     "network_parameters",
 ]
 
 NATIVE_PLATFORMS = ("Reference", "CPU")
-"""OpenMM platforms for which the plugin registers a CGNetForce kernel."""
+"""OpenMM platforms for which the main plugin registers a CGNetForce kernel (double precision)."""
 
 _lock = threading.Lock()
 _loaded: Optional[Path] = None
+_gpu: dict = {"loaded": {}, "missing": {}}  # GPU kernel libraries loaded with the plugin, and why others are not
 
 
 def native_unavailable_reason() -> Optional[str]:
@@ -132,8 +136,44 @@ def load_native_plugin(path: Optional[str | Path] = None) -> Path:
         handle = ctypes.CDLL(str(library))  # already loaded: same handle; reads the version tag
         handle.openmmFlowmatchNativeVersion.restype = ctypes.c_char_p
         handle.openmmFlowmatchNativeVersion()
+        _load_gpu_libraries(library)
         _loaded = library
         return library
+
+
+def _load_gpu_libraries(library: Path) -> None:
+    """Load the common-compute kernels (OpenCL, CUDA) built beside ``library`` for platforms OpenMM has."""
+    import openmm
+
+    from .build import gpu_libraries
+
+    found, missing = gpu_libraries(library)
+    registered = {openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())}
+    for platform, path in found.items():
+        if platform not in registered:
+            missing[platform] = f"OpenMM has no {platform} platform here"
+            continue
+        try:
+            openmm.Platform.loadPluginLibrary(str(path))
+            _gpu["loaded"][platform] = path
+        except Exception as error:  # noqa: BLE001 - e.g. the platform's runtime library is missing
+            missing[platform] = f"loading {path.name} failed: {error}"
+    _gpu["missing"] = missing
+
+
+def native_platforms() -> tuple[str, ...]:
+    """Platforms with a CGNetForce kernel in this process: Reference, CPU and the GPU platforms loaded.
+
+    Loads (and if needed builds) the plugin; the GPU kernels (OpenCL; CUDA where OpenMM's CUDA
+    platform library was there to link) run in the context's precision (single by default).
+    """
+    load_native_plugin()
+    return NATIVE_PLATFORMS + tuple(_gpu["loaded"])
+
+
+def gpu_unavailable_reasons() -> dict:
+    """``{platform: reason}`` for the GPU platforms without a native kernel in this process (after loading)."""
+    return dict(_gpu["missing"])
 
 
 def _located_library() -> Path:
@@ -171,14 +211,22 @@ def native_choice(force_field, platform_hint: Optional[str] = None) -> tuple[boo
         Name of the OpenMM platform the System will run on, if known.
     """
     platform = platform_hint or default_platform_name()
-    if platform not in NATIVE_PLATFORMS:
-        where = "" if platform_hint else " (OpenMM's default platform here)"
+    where = "" if platform_hint else " (OpenMM's default platform here)"
+    if platform not in NATIVE_PLATFORMS and platform not in GPU_PLATFORMS:
         return False, f"the native kernel has no implementation for the {platform} platform{where}"
     if not getattr(force_field, "has_torchscript", True):
         return False, "the artifact has no TorchScript module to read and check the native network against"
     reason = native_unavailable_reason()
     if reason is not None:
         return False, reason
+    if platform not in NATIVE_PLATFORMS:
+        try:
+            available = native_platforms()
+        except NativeBuildError as error:
+            return False, str(error)
+        if platform not in available:
+            why = gpu_unavailable_reasons().get(platform, "not built")
+            return False, f"the native kernel for the {platform} platform{where} is unavailable: {why}"
     try:
         parameters = network_parameters(force_field)
     except UnsupportedNetworkError as error:

@@ -49,6 +49,8 @@ __all__ = [
     "cache_directory",
     "find_compiler",
     "find_openmm",
+    "gpu_libraries",
+    "gpu_library_name",
     "install_library",
     "installed_library",
     "library_path",
@@ -78,6 +80,11 @@ ERROR_NAME = "build_error.txt"
 
 SOURCES = ("CGNetModel.cpp", "CGNetForce.cpp")
 HEADERS = ("CGNetModel.h", "CGNetForce.h")
+GPU_SOURCE = "CGNetCommonKernel.cpp"
+"""The common-compute-layer kernel, built once per GPU platform into its own library beside the main one."""
+
+GPU_PLATFORMS = {"OpenCL": ("FLOWMATCH_PLATFORM_OPENCL", "OpenMMOpenCL"), "CUDA": ("FLOWMATCH_PLATFORM_CUDA", "OpenMMCUDA")}
+"""platform name -> (macro selecting it in CGNetCommonKernel.cpp, OpenMM's platform library in lib/plugins)."""
 BASE_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-Wall", "-Wno-unused-parameter", "-Wno-unused-function", "-Wno-psabi")
 ARCH_FLAGS = ("-march=native",)
 
@@ -200,7 +207,7 @@ def _compiler_version(compiler: str) -> str:
 def sources_digest() -> str:
     """Hash of the C++ sources and the library's version tag (stamped into installed builds)."""
     digest = hashlib.sha256(NATIVE_VERSION.encode())
-    for name in HEADERS + SOURCES:
+    for name in HEADERS + SOURCES + (GPU_SOURCE,):
         digest.update(name.encode())
         digest.update((SOURCE_DIR / name).read_bytes())
     return digest.hexdigest()[:20]
@@ -315,6 +322,73 @@ def _compile(compiler: str, install: OpenMMInstall, target: Path, verbose: bool 
     return " ".join(command)
 
 
+def gpu_library_name(platform: str) -> str:
+    """File name of the plugin library holding the CGNetForce kernel of a GPU ``platform``."""
+    return LIBRARY_NAME.replace("Native", f"Native{platform}")
+
+
+def _compile_gpu(compiler: str, install: OpenMMInstall, main_library: Path, platform: str) -> str:
+    """Compile the common-compute kernel for ``platform`` beside ``main_library``; returns the command."""
+    macro, openmm_library = GPU_PLATFORMS[platform]
+    plugins = install.lib_dir / "plugins"
+    if not any((plugins / f"lib{openmm_library}{suffix}").exists() for suffix in (".so", ".dylib")):
+        raise NativeBuildError(f"OpenMM's {platform} platform library (lib{openmm_library}) is not in {plugins}")
+    if not (install.include_dir / "openmm" / "common" / "ComputeContext.h").is_file():
+        raise NativeBuildError(f"OpenMM's common compute headers are not in {install.include_dir / 'openmm' / 'common'}")
+    target = main_library.parent / gpu_library_name(platform)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=target.name)
+    os.close(handle)
+    command = [
+        compiler, *[flag for flag in _flags(install.lib_dir) if flag not in ARCH_FLAGS], f"-D{macro}",
+        f"-I{SOURCE_DIR}", f"-I{install.include_dir}", str(SOURCE_DIR / GPU_SOURCE), "-o", temporary,
+        f"-L{main_library.parent}", "-l" + main_library.name[3:].split(".")[0], f"-L{plugins}", f"-l{openmm_library}",
+        f"-L{install.lib_dir}", "-lOpenMM", f"-Wl,-rpath,$ORIGIN:{plugins}:{install.lib_dir}",
+    ]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            output = (result.stderr or result.stdout).strip()
+            raise NativeBuildError(f"compiling the {platform} kernel failed (exit {result.returncode}):\n"
+                                   f"{' '.join(command)}\n{output[-4000:]}")
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return " ".join(command)
+
+
+def _build_gpu_libraries(compiler: str, install: OpenMMInstall, main_library: Path) -> dict[str, str]:
+    """Build every GPU platform's kernel library that can be built; never raises.
+
+    Returns ``{platform: reason}`` for those not built; the reasons are also written to
+    ``build_error_<platform>.txt`` beside the main library (read by :func:`gpu_libraries`).
+    """
+    failures = {}
+    for platform in GPU_PLATFORMS:
+        error_file = main_library.parent / f"build_error_{platform}.txt"
+        try:
+            command = _compile_gpu(compiler, install, main_library, platform)
+            error_file.unlink(missing_ok=True)
+            logger.debug("built the %s kernel: %s", platform, command)
+        except NativeBuildError as error:
+            failures[platform] = str(error)
+            error_file.write_text(str(error) + "\n")
+    return failures
+
+
+def gpu_libraries(main_library: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """The GPU kernel libraries beside ``main_library`` (``{platform: path}``) and why the others are missing."""
+    found, missing = {}, {}
+    for platform in GPU_PLATFORMS:
+        path = main_library.parent / gpu_library_name(platform)
+        error_file = main_library.parent / f"build_error_{platform}.txt"
+        if path.is_file():
+            found[platform] = path
+        else:
+            missing[platform] = error_file.read_text().strip() if error_file.is_file() else f"{path.name} was not built"
+    return found, missing
+
+
 def build_library(force: bool = False, verbose: bool = False) -> Path:
     """Compile the plugin into the per-user cache if needed and return the path of the shared library.
 
@@ -353,6 +427,7 @@ def build_library(force: bool = False, verbose: bool = False) -> Path:
             raise
         failure.unlink(missing_ok=True)
         (target_dir / "build.txt").write_text(command + "\n")
+        _build_gpu_libraries(compiler, install, target)
     return target
 
 
@@ -384,7 +459,7 @@ def install_library(package_dir: str | Path, site_dirs: Optional[Sequence[str | 
     """
     lib_dir = Path(package_dir) / "lib"
     lib_dir.mkdir(parents=True, exist_ok=True)
-    for name in (LIBRARY_NAME, STAMP_NAME, ERROR_NAME):
+    for name in (LIBRARY_NAME, STAMP_NAME, ERROR_NAME, *map(gpu_library_name, GPU_PLATFORMS)):
         (lib_dir / name).unlink(missing_ok=True)
     try:
         compiler = _compiler_or_raise()
@@ -394,7 +469,9 @@ def install_library(package_dir: str | Path, site_dirs: Optional[Sequence[str | 
         reason = f"the native CGNet plugin was not compiled at install: {error}"
         (lib_dir / ERROR_NAME).write_text(reason + "\n")
         return reason
-    (lib_dir / STAMP_NAME).write_text(json.dumps({**_stamp(install), "command": command}, indent=1) + "\n")
+    failures = _build_gpu_libraries(compiler, install, lib_dir / LIBRARY_NAME)
+    stamp = {**_stamp(install), "command": command, "gpu_not_built": failures}
+    (lib_dir / STAMP_NAME).write_text(json.dumps(stamp, indent=1) + "\n")
     return None
 
 
