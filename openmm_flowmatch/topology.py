@@ -5,6 +5,7 @@ This module is part of the package's ground floor: it imports no other module of
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -130,8 +131,37 @@ def fix_pdb(
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.is_file():
         raise TopologyError(f"PDB file {str(input_path)!r} does not exist")
+    with _default_openmm_platform("CPU"):
+        fixer, n_missing_atoms = _run_pdbfixer(PDBFixer, input_path, add_missing_residues, keep_heterogens, ph)
+    logger.info("fixed %s: %d missing heavy atoms added, hydrogens at pH %.1f", input_path, n_missing_atoms, ph)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(output_path, "w") as handle:
+        app.PDBFile.writeFile(fixer.topology, fixer.positions, handle, keepIds=True)
+    return output_path
+
+
+@contextlib.contextmanager
+def _default_openmm_platform(name: str):
+    """Make ``name`` OpenMM's default platform inside the block, unless the user chose one.
+
+    pdbfixer creates Contexts without naming a platform; OpenMM then picks the fastest it finds,
+    which is OpenCL wherever an OpenCL driver is installed, also a CPU one such as pocl (on which
+    pdbfixer's minimisation crashed the process). ``$OPENMM_DEFAULT_PLATFORM`` set by the user wins.
+    """
+    if os.environ.get("OPENMM_DEFAULT_PLATFORM"):
+        yield
+        return
+    os.environ["OPENMM_DEFAULT_PLATFORM"] = name
     try:
-        fixer = PDBFixer(filename=str(input_path))
+        yield
+    finally:
+        os.environ.pop("OPENMM_DEFAULT_PLATFORM", None)
+
+
+def _run_pdbfixer(fixer_class, input_path: Path, add_missing_residues: bool, keep_heterogens: bool, ph: float):
+    """pdbfixer's steps: missing residues (inner only), nonstandard residues, heterogens, atoms, hydrogens."""
+    try:
+        fixer = fixer_class(filename=str(input_path))
         fixer.findMissingResidues()
         if not add_missing_residues:
             fixer.missingResidues = {}
@@ -154,11 +184,7 @@ def fix_pdb(
         raise TopologyError(
             f"pdbfixer could not fix {str(input_path)!r} ({type(error).__name__}: {error})"
         ) from error
-    logger.info("fixed %s: %d missing heavy atoms added, hydrogens at pH %.1f", input_path, n_missing_atoms, ph)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(output_path, "w") as handle:
-        app.PDBFile.writeFile(fixer.topology, fixer.positions, handle, keepIds=True)
-    return output_path
+    return fixer, n_missing_atoms
 
 
 def _read_conect_records(path: Path) -> list[tuple[int, int]]:
