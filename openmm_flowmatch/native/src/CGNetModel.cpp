@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
@@ -377,23 +378,84 @@ void CGNetModel::featureBackward(const double* x, const double* g, double* gx) c
 
 namespace {
 
+/*
+ * exp(x) without branches or calls, so that GCC/Clang vectorise the activation loops (std::tanh and
+ * std::exp are scalar library calls: ~6-10 us of the ~25 us per copy before). Cody-Waite reduction
+ * x = n ln2 + r, |r| <= ln2/2, Taylor polynomial of degree 12 for e^r (truncation < 1e-16 relative),
+ * 2^n put into the exponent bits. Relative error ~2e-16 for x in [-708, 709] (clamped outside).
+ */
+inline double vectorExp(double x) {
+    x = x < -708.0 ? -708.0 : (x > 709.0 ? 709.0 : x);
+    const double shifter = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
+    double t = x * 1.4426950408889634 + shifter;
+    double n = t - shifter;
+    double r = x - n * 0.6931471803691238;        // ln2 high part (exact product for |n| < 2^11)
+    r = r - n * 1.9082149292705877e-10;            // ln2 low part
+    double p = 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    int64_t bits = ((int64_t) n + 1023) << 52;
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_bit_cast)
+#define FLOWMATCH_HAVE_BIT_CAST 1
+#endif
+#endif
+#ifdef FLOWMATCH_HAVE_BIT_CAST
+    double scale = __builtin_bit_cast(double, bits);  // a memcpy here keeps GCC from vectorising the loop
+#else
+    double scale;
+    std::memcpy(&scale, &bits, sizeof(double));
+#endif
+    return p * scale;
+}
+
+/* tanh(z) = sign(z) (1 - e)/(1 + e), e = exp(-2|z|): absolute error ~2e-16 (relative for |z| > ~0.1). */
+inline double vectorTanh(double z) {
+    double e = vectorExp(-2.0 * std::fabs(z));
+    double t = (1.0 - e) / (1.0 + e);
+    return z < 0 ? -t : t;
+}
+
 // act(z) into value (added to `add` when not null), act'(z) into derivative, for n entries
+inline void tanhLayer(int n, const double* __restrict z, double* __restrict value, double add,
+                      double* __restrict derivative) {
+    for (int i = 0; i < n; i++) {  // value = add * value + tanh(z): one vectorised loop for both cases
+        double t = vectorTanh(z[i]);
+        value[i] = add * value[i] + t;
+        derivative[i] = 1.0 - t * t;
+    }
+}
+
+inline void siluLayer(int n, const double* __restrict z, double* __restrict value, double add,
+                      double* __restrict derivative) {
+    for (int i = 0; i < n; i++) {
+        double s = 1.0 / (1.0 + vectorExp(-z[i]));
+        value[i] = add * value[i] + z[i] * s;
+        derivative[i] = s * (1.0 + z[i] * (1.0 - s));
+    }
+}
+
 inline void activate(Activation activation, int n, const double* z, double* value, bool accumulate, double* derivative) {
     switch (activation) {
         case Activation::Tanh:
-            for (int i = 0; i < n; i++) {
-                double t = std::tanh(z[i]);
-                value[i] = accumulate ? value[i] + t : t;
-                derivative[i] = 1.0 - t * t;
-            }
+            if (!accumulate)
+                std::fill(value, value + n, 0.0);  // 0 * value would keep NaN/inf of uninitialised memory
+            tanhLayer(n, z, value, accumulate ? 1.0 : 0.0, derivative);
             break;
         case Activation::SiLU:
-            for (int i = 0; i < n; i++) {
-                double s = 1.0 / (1.0 + std::exp(-z[i]));
-                double a = z[i] * s;
-                value[i] = accumulate ? value[i] + a : a;
-                derivative[i] = s * (1.0 + z[i] * (1.0 - s));
-            }
+            if (!accumulate)
+                std::fill(value, value + n, 0.0);
+            siluLayer(n, z, value, accumulate ? 1.0 : 0.0, derivative);
             break;
         case Activation::Softplus:
             for (int i = 0; i < n; i++) {
