@@ -438,6 +438,8 @@ def _stamp(install: OpenMMInstall) -> dict:
         "openmm_version": install.version,
         "openmm_git_revision": install.git_revision,
         "openmm_lib_dir": str(install.lib_dir),
+        # -march=native: a library built on another CPU type (e.g. inside a wheel) must not be used here
+        "cpu_flags_sha256": hashlib.sha256(_cpu_flags().encode()).hexdigest()[:16],
     }
 
 
