@@ -10,8 +10,9 @@ Measured in one run, on one OpenMM platform (CPU by default):
   plus priors fitted to perturbed copies of the PDB structure, LangevinMiddleIntegrator 5 fs;
   for R = 1, 10, 100, 1000 independent replicas in one System (one batched network call per
   step), with the ``TorchForce`` backend, the ``PythonForce`` backend running the TorchScript
-  module, and the ``exported`` backend (``PythonForce`` running the ``torch.export`` program of the
-  ``.pt2`` file, eager ``.module()``). Aggregate throughput is reported as
+  module, the ``exported`` backend (``PythonForce`` running the ``torch.export`` program of the
+  ``.pt2`` file, eager ``.module()``) and the ``native`` backend (the package's C++ CGNet kernel,
+  docs/native.md; skipped with the reason where it is unavailable). Aggregate throughput is reported as
   bead-steps/s = R · 5 · steps/s.
 - AOTInductor (``--aoti``): the float64 energy program compiled with
   ``torch._inductor.aoti_compile_and_package``; compile time, and energy-only call time against the
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="CPU platform threads and torch threads (default 1)")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement (default 3)")
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 10, 100, 1000])
-    parser.add_argument("--backends", nargs="+", default=["torchforce", "pythonforce", "exported"])
+    parser.add_argument("--backends", nargs="+", default=["torchforce", "native", "pythonforce", "exported"])
     parser.add_argument("--aoti", action="store_true", help="also compile the energy program with AOTInductor")
     parser.add_argument("--repeats", type=int, default=2,
                         help="interleaved repeats of every measurement; the fastest is reported (default 2)")
@@ -203,7 +204,13 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
 
-    results: dict = {"all_atom": None, "cg": []}
+    from openmm_flowmatch.native import native_unavailable_reason
+
+    native_reason = native_unavailable_reason()
+    if native_reason is not None and "native" in args.backends:
+        logger.warning("native backend skipped: %s", native_reason)
+        args.backends = [backend for backend in args.backends if backend != "native"]
+    results: dict = {"all_atom": None, "cg": [], "native_unavailable_reason": native_reason}
     graph_options = [True, False] if args.platform.upper() == "CUDA" else [None]
     configurations_to_run = [
         (backend, replicas, cuda_graphs)
@@ -238,9 +245,15 @@ def main(argv: list[str] | None = None) -> dict:
             single[0]["steps_per_second"] / results["all_atom"]["steps_per_second"])
         summary["cg_torchforce_R1_over_all_atom_ns_per_day"] = (
             ns_per_day(single[0]["steps_per_second"], CG_TIME_STEP_PS) / results["all_atom"]["ns_per_day"])
+    native_single = [row for row in results["cg"] if row["replicas"] == 1 and row["backend"] == "native"]
+    if native_single:
+        summary["cg_native_R1_over_all_atom_steps_per_second"] = (
+            native_single[0]["steps_per_second"] / results["all_atom"]["steps_per_second"])
+        summary["cg_native_R1_over_all_atom_ns_per_day"] = (
+            ns_per_day(native_single[0]["steps_per_second"], CG_TIME_STEP_PS) / results["all_atom"]["ns_per_day"])
     for replicas in args.replicas:
         pair = {row["backend"]: row for row in results["cg"] if row["replicas"] == replicas and not row.get("cuda_graphs")}
-        for other in ("pythonforce", "exported"):
+        for other in ("pythonforce", "exported", "native"):
             if "torchforce" in pair and other in pair:
                 summary[f"{other}_over_torchforce_R{replicas}"] = (
                     pair[other]["steps_per_second"] / pair["torchforce"]["steps_per_second"])
@@ -259,11 +272,12 @@ def main(argv: list[str] | None = None) -> dict:
             "bead_steps_per_second": "replicas * 5 beads * steps/s",
             "backends": "torchforce = openmmtorch.TorchForce (TorchScript); pythonforce = openmm.PythonForce calling "
                         "the TorchScript module; exported = openmm.PythonForce calling the torch.export program "
-                        "(.pt2, eager .module(), autograd forces)",
+                        "(.pt2, eager .module(), autograd forces); native = the package's C++ CGNetForce "
+                        "(openmm_flowmatch.native, float64, checked against TorchScript at creation)",
         },
         "machine": {
-            "description": "2-core CPU shared with about 6 other engineers running tests at the same time; the "
-                           "numbers are noisy lower bounds (see load_average_1min_before of each row)",
+            "description": "shared 2-core CPU: other engineers' jobs ran at the same time; the numbers are noisy "
+                           "lower bounds (see load_average_1min_before of each row)",
             "cpu_count": os.cpu_count(), "processor": platform_module.processor() or platform_module.machine(),
             "openmm_version": openmm.__version__, "torch_version": torch.__version__,
             "openmm_flowmatch_version": openmm_flowmatch.__version__,
