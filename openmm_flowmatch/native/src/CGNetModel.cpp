@@ -42,50 +42,122 @@ inline void store(double* p, v4d value) {
 }
 
 /*
- * Y[b][0:cols] = init[b][0:cols] + sum_{r < rows} X[b][r] * M[r][0:cols] for the NB (1..4) copies b.
- * M is rows x cols, row-major, cols a multiple of 8, 32-byte aligned rows. init may be null (0);
- * initStride 0 broadcasts one init row (a bias) to every b. Register-blocked: NB copies x 8
- * outputs = 2 NB vector accumulators, each weight vector loaded once for all copies. Every output
- * is summed over r in order (no reassociation needed for vectorisation).
+ * Y[b][c0:c0+4*CW] = init[b][...] + sum_{r < rows} X[b][r] * M[r][c0:c0+4*CW] for the NB (1..4) copies b.
+ * M is rows x cols, row-major, 32-byte aligned rows. init may be null (0); initStride 0 broadcasts
+ * one init row (a bias) to every b. Register-blocked: NB copies x CW vectors of 4 outputs =
+ * NB*CW independent vector accumulators (8 or more hide the latency of the multiply-adds: with
+ * one copy, 2 accumulators left the loop latency-bound at a quarter of the machine's throughput),
+ * each weight vector loaded once for all copies. Every output is summed over r in order (no
+ * reassociation, so results do not depend on the blocking).
  */
-template <int NB>
-void blockMatVecN(int rows, int cols, const double* __restrict M, const double* __restrict X, int ldx,
-                  const double* init, int initStride, double* Y, int ldy) {
-    for (int c = 0; c < cols; c += LANES) {
-        v4d low[NB], high[NB];
+template <int NB, int CW>
+inline void blockMatVecChunk(int c0, int rows, int cols, const double* __restrict M, const double* __restrict X,
+                             int ldx, const double* init, int initStride, double* Y, int ldy) {
+    v4d acc[NB][CW];
+    for (int b = 0; b < NB; b++)
+        for (int v = 0; v < CW; v++)
+            acc[b][v] = init != nullptr ? load(init + b * initStride + c0 + 4 * v) : v4d{0.0, 0.0, 0.0, 0.0};
+    const double* column = M + c0;
+    for (int r = 0; r < rows; r++) {
+        const double* row = column + (size_t) r * cols;
+        v4d w[CW];
+        for (int v = 0; v < CW; v++)
+            w[v] = load(row + 4 * v);
         for (int b = 0; b < NB; b++) {
-            if (init != nullptr) {
-                low[b] = load(init + b * initStride + c);
-                high[b] = load(init + b * initStride + c + 4);
-            }
-            else
-                low[b] = high[b] = v4d{0.0, 0.0, 0.0, 0.0};
-        }
-        const double* column = M + c;
-        for (int r = 0; r < rows; r++) {
-            const v4d w0 = load(column + (size_t) r * cols);
-            const v4d w1 = load(column + (size_t) r * cols + 4);
-            for (int b = 0; b < NB; b++) {
-                const double x = X[b * ldx + r];
-                low[b] += x * w0;
-                high[b] += x * w1;
-            }
-        }
-        for (int b = 0; b < NB; b++) {
-            store(Y + b * ldy + c, low[b]);
-            store(Y + b * ldy + c + 4, high[b]);
+            const double x = X[b * ldx + r];
+            for (int v = 0; v < CW; v++)
+                acc[b][v] += x * w[v];
         }
     }
+    for (int b = 0; b < NB; b++)
+        for (int v = 0; v < CW; v++)
+            store(Y + b * ldy + c0 + 4 * v, acc[b][v]);
+}
+
+/* All cols (a multiple of LANES) in chunks of 4*CW columns, the remainder in chunks of LANES. */
+template <int NB, int CW>
+void blockMatVecN(int rows, int cols, const double* __restrict M, const double* __restrict X, int ldx,
+                  const double* init, int initStride, double* Y, int ldy) {
+    int c = 0;
+    for (; c + 4 * CW <= cols; c += 4 * CW)
+        blockMatVecChunk<NB, CW>(c, rows, cols, M, X, ldx, init, initStride, Y, ldy);
+    for (; c < cols; c += LANES)
+        blockMatVecChunk<NB, 2>(c, rows, cols, M, X, ldx, init, initStride, Y, ldy);
 }
 
 void blockMatVec(int count, int rows, int cols, const double* M, const double* X, int ldx, const double* init,
                  int initStride, double* Y, int ldy) {
     static_assert(CGNetModel::BLOCK == 4, "blockMatVec dispatches blocks of up to 4 copies");
     switch (count) {
-        case 1: blockMatVecN<1>(rows, cols, M, X, ldx, init, initStride, Y, ldy); break;
-        case 2: blockMatVecN<2>(rows, cols, M, X, ldx, init, initStride, Y, ldy); break;
-        case 3: blockMatVecN<3>(rows, cols, M, X, ldx, init, initStride, Y, ldy); break;
-        default: blockMatVecN<4>(rows, cols, M, X, ldx, init, initStride, Y, ldy); break;
+        case 1: blockMatVecN<1, 8>(rows, cols, M, X, ldx, init, initStride, Y, ldy); break;
+        case 2: blockMatVecN<2, 4>(rows, cols, M, X, ldx, init, initStride, Y, ldy); break;
+        case 3: blockMatVecN<3, 2>(rows, cols, M, X, ldx, init, initStride, Y, ldy); break;
+        default: blockMatVecN<4, 2>(rows, cols, M, X, ldx, init, initStride, Y, ldy); break;
+    }
+}
+
+/*
+ * Transposed product by dot products over the rows of the same matrix:
+ * Y[b][j] = init[b][j] + sum_{i < cols} M[j][i] * G[b][i] for j < rows, the NB (1..4) copies b.
+ * Used for the backward pass, so that one copy of each weight matrix serves both directions
+ * (with a second, transposed copy the weights of the default network, 1.7 MB, did not fit in a
+ * 1 MB L2 cache and every step streamed them from L3). M is rows x cols (cols a multiple of 8),
+ * read row by row, contiguously; RB rows x NB copies x 2 vector accumulators, summed
+ * horizontally at the end. rows must be a multiple of RB. init may alias Y.
+ */
+template <int NB, int RB>
+void blockMatTVecN(int rows, int cols, const double* __restrict M, const double* __restrict G, int ldg,
+                   const double* init, int ldi, double* Y, int ldy) {
+    for (int j = 0; j < rows; j += RB) {
+        v4d acc[NB][RB][2];
+        for (int b = 0; b < NB; b++)
+            for (int k = 0; k < RB; k++)
+                acc[b][k][0] = acc[b][k][1] = v4d{0.0, 0.0, 0.0, 0.0};
+        for (int i = 0; i < cols; i += LANES) {
+            v4d w[RB][2];
+            for (int k = 0; k < RB; k++) {
+                w[k][0] = load(M + (size_t) (j + k) * cols + i);
+                w[k][1] = load(M + (size_t) (j + k) * cols + i + 4);
+            }
+            for (int b = 0; b < NB; b++) {
+                const v4d g0 = load(G + b * ldg + i), g1 = load(G + b * ldg + i + 4);
+                for (int k = 0; k < RB; k++) {
+                    acc[b][k][0] += w[k][0] * g0;
+                    acc[b][k][1] += w[k][1] * g1;
+                }
+            }
+        }
+        for (int b = 0; b < NB; b++)
+            for (int k = 0; k < RB; k++) {
+                const v4d a = acc[b][k][0] + acc[b][k][1];
+                const double sum = (a[0] + a[1]) + (a[2] + a[3]);
+                Y[b * ldy + j + k] = (init != nullptr ? init[b * ldi + j + k] : 0.0) + sum;
+            }
+    }
+}
+
+void blockMatTVec(int count, int rows, int cols, const double* M, const double* G, int ldg, const double* init, int ldi,
+                  double* Y, int ldy) {
+#ifdef __AVX512VL__
+    const int wide = 2;  // 32 vector registers: 2 rows x 4 copies x 2 accumulators fit
+#else
+    const int wide = 1;
+#endif
+    switch (count) {  // rows is a multiple of LANES (8)
+        case 1: blockMatTVecN<1, 4>(rows, cols, M, G, ldg, init, ldi, Y, ldy); break;
+        case 2: blockMatTVecN<2, 2>(rows, cols, M, G, ldg, init, ldi, Y, ldy); break;
+        case 3:
+            if (wide == 2)
+                blockMatTVecN<3, 2>(rows, cols, M, G, ldg, init, ldi, Y, ldy);
+            else
+                blockMatTVecN<3, 1>(rows, cols, M, G, ldg, init, ldi, Y, ldy);
+            break;
+        default:
+            if (wide == 2)
+                blockMatTVecN<4, 2>(rows, cols, M, G, ldg, init, ldi, Y, ldy);
+            else
+                blockMatTVecN<4, 1>(rows, cols, M, G, ldg, init, ldi, Y, ldy);
+            break;
     }
 }
 
@@ -195,22 +267,18 @@ CGNetModel::CGNetModel(const CGNetParameters& p) : parameters(p) {
         const LinearLayer& layer = parameters.layers[l];
         int in = layer.cols, out = layer.rows;
         int paddedIn = l == 0 ? paddedFeatures : paddedWidth;
-        double* forward = alignedZeros((size_t) paddedIn * paddedWidth);   // in x out
-        double* backward = alignedZeros((size_t) paddedWidth * paddedIn);  // out x in
+        double* forward = alignedZeros((size_t) paddedIn * paddedWidth);  // in x out (W transposed)
         double* b = alignedZeros(paddedWidth);
         for (int i = 0; i < out; i++) {
             b[i] = layer.bias[i];
             for (int j = 0; j < in; j++) {
                 double w = layer.weight[(size_t) i * in + j];
                 forward[(size_t) j * paddedWidth + i] = w;
-                backward[(size_t) i * paddedIn + j] = w;
             }
         }
         allocations.push_back(forward);
-        allocations.push_back(backward);
         allocations.push_back(b);
         forwardMatrix.push_back(forward);
-        backwardMatrix.push_back(backward);
         bias.push_back(b);
         inputDim.push_back(in);
     }
@@ -527,11 +595,11 @@ void CGNetModel::evaluate(int count, const double* const* positions, double* ene
         for (int s = 0; s < count; s += BLOCK) {
             int n = std::min(BLOCK, count - s);
             if (l > 0)  // residual: g = g + W^T (act' * g)
-                blockMatVec(n, width, paddedWidth, backwardMatrix[l], w.gradPre + s * pw, paddedWidth, w.grad + s * pw,
-                            paddedWidth, w.grad + s * pw, paddedWidth);
+                blockMatTVec(n, paddedWidth, paddedWidth, forwardMatrix[l], w.gradPre + s * pw, paddedWidth,
+                             w.grad + s * pw, paddedWidth, w.grad + s * pw, paddedWidth);
             else
-                blockMatVec(n, width, paddedFeatures, backwardMatrix[0], w.gradPre + s * pw, paddedWidth, nullptr, 0,
-                            w.gradFeatures + s * pf, paddedFeatures);
+                blockMatTVec(n, paddedFeatures, paddedWidth, forwardMatrix[0], w.gradPre + s * pw, paddedWidth, nullptr,
+                             0, w.gradFeatures + s * pf, paddedFeatures);
         }
     }
     for (int b = 0; b < count; b++) {

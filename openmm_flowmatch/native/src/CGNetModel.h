@@ -95,9 +95,10 @@ private:
     CGNetParameters parameters;
     int numFeatures, numHidden;
     int paddedFeatures, paddedWidth;
-    // per hidden layer l (input layer first): forward matrix (rows = padded in, cols = padded out)
-    // and backward matrix (rows = padded out, cols = padded in), both zero-padded, 64-byte aligned
-    std::vector<double*> forwardMatrix, backwardMatrix, bias;
+    // per hidden layer l (input layer first): the weight matrix transposed (rows = padded in,
+    // cols = padded out), zero-padded, 64-byte aligned; the forward pass reads it by columns, the
+    // backward pass by rows (one copy of the weights for both: they stay in the L2 cache)
+    std::vector<double*> forwardMatrix, bias;
     std::vector<int> inputDim;
     std::vector<double*> allocations;
     std::vector<double> outputWeight;
