@@ -14,6 +14,12 @@ Measured in one run, on one OpenMM platform (CPU by default):
   ``.pt2`` file, eager ``.module()``) and the ``native`` backend (the package's C++ CGNet kernel,
   docs/native.md; skipped with the reason where it is unavailable). Aggregate throughput is reported as
   bead-steps/s = R · 5 · steps/s.
+- with ``--platform CPU``, the native backend also on OpenMM's ``Reference`` platform for the replica
+  counts of ``--reference-replicas`` (default R = 1): rows with ``"platform": "Reference"``. The
+  Reference platform runs everything on the calling thread; the CPU platform, even with
+  ``Threads=1``, hands every integrator phase and every force kernel to a worker thread of its
+  pool, which costs more per step than one CG network call when the machine is loaded
+  (docs/native.md). Every CG row names its platform.
 - AOTInductor (``--aoti``): the float64 energy program compiled with
   ``torch._inductor.aoti_compile_and_package``; compile time, and energy-only call time against the
   eager exported program (an AOTInductor package has no autograd, so it cannot give MD forces).
@@ -125,13 +131,15 @@ def cg_artifact(directory: Path) -> tuple[Path, CGMapping, np.ndarray]:
 
 
 def cg(force_field: FlowMatchForceField, mapping: CGMapping, configurations: np.ndarray, replicas: int, backend: str,
-       platform: str, threads: int, seconds: float, cuda_graphs: bool | None = None) -> dict:
+       platform: str, threads: int, seconds: float, cuda_graphs: bool | None = None,
+       run_platform: str | None = None) -> dict:
     topology = replicate_topology(mapping.cg_topology(), replicas)
     hint = "CUDA" if cuda_graphs else None
     system = force_field.create_system(topology, replicas=replicas, backend=backend, platform_hint=hint)
     integrator = openmm.LangevinMiddleIntegrator(TEMPERATURE * unit.kelvin, 1.0 / unit.picosecond,
                                                  CG_TIME_STEP_PS * unit.picoseconds)
     integrator.setRandomNumberSeed(1)
+    platform = run_platform or platform
     context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName(platform),
                              platform_properties(platform, threads))
     starts = configurations[np.arange(replicas) % len(configurations)]
@@ -139,7 +147,7 @@ def cg(force_field: FlowMatchForceField, mapping: CGMapping, configurations: np.
     context.setVelocitiesToTemperature(TEMPERATURE * unit.kelvin, 1)
     result = time_steps(context, integrator, seconds, warmup_steps=20 if replicas < 1000 else 3)
     steps_per_second = result["steps_per_second"]
-    result.update(replicas=replicas, beads=replicas * mapping.n_beads, backend=backend,
+    result.update(replicas=replicas, beads=replicas * mapping.n_beads, backend=backend, platform=platform,
                   bead_steps_per_second=steps_per_second * replicas * mapping.n_beads,
                   replica_ns_per_day=replicas * ns_per_day(steps_per_second, CG_TIME_STEP_PS))
     if cuda_graphs is not None:
@@ -196,6 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement (default 3)")
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 10, 100, 1000])
     parser.add_argument("--backends", nargs="+", default=["torchforce", "native", "pythonforce", "exported"])
+    parser.add_argument("--reference-replicas", type=int, nargs="*", default=[1],
+                        help="with --platform CPU: replica counts for which the native backend is also measured on "
+                             "the Reference platform (default 1; none: leave out)")
     parser.add_argument("--aoti", action="store_true", help="also compile the energy program with AOTInductor")
     parser.add_argument("--repeats", type=int, default=2,
                         help="interleaved repeats of every measurement; the fastest is reported (default 2)")
@@ -203,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
 
     from openmm_flowmatch.native import native_unavailable_reason
 
@@ -213,11 +225,13 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"all_atom": None, "cg": [], "native_unavailable_reason": native_reason}
     graph_options = [True, False] if args.platform.upper() == "CUDA" else [None]
     configurations_to_run = [
-        (backend, replicas, cuda_graphs)
+        (backend, replicas, cuda_graphs, None)
         for replicas in args.replicas
         for backend in args.backends
         for cuda_graphs in (graph_options if backend == "torchforce" else [None])
     ]
+    if args.platform.upper() == "CPU" and "native" in args.backends:
+        configurations_to_run += [("native", replicas, None, "Reference") for replicas in args.reference_replicas]
     measured: dict = {key: [] for key in configurations_to_run}
     all_atom_runs = []
     with tempfile.TemporaryDirectory() as directory:
@@ -227,13 +241,13 @@ def main(argv: list[str] | None = None) -> dict:
         for repeat in range(args.repeats):
             all_atom_runs.append(all_atom(args.platform, args.threads, args.seconds))
             logger.info("repeat %d: all-atom %.1f steps/s", repeat, all_atom_runs[-1]["steps_per_second"])
-            for backend, replicas, cuda_graphs in configurations_to_run:
+            for backend, replicas, cuda_graphs, run_platform in configurations_to_run:
                 row = cg(force_field, mapping, configurations, replicas, backend, args.platform, args.threads,
-                         args.seconds, cuda_graphs)
-                measured[(backend, replicas, cuda_graphs)].append(row)
-                logger.info("repeat %d: CG %s R=%d%s: %.1f steps/s, %.3g bead-steps/s", repeat, backend, replicas,
-                            "" if cuda_graphs is None else f" graphs={cuda_graphs}", row["steps_per_second"],
-                            row["bead_steps_per_second"])
+                         args.seconds, cuda_graphs, run_platform)
+                measured[(backend, replicas, cuda_graphs, run_platform)].append(row)
+                logger.info("repeat %d: CG %s R=%d%s on %s: %.1f steps/s, %.3g bead-steps/s", repeat, backend,
+                            replicas, "" if cuda_graphs is None else f" graphs={cuda_graphs}", row["platform"],
+                            row["steps_per_second"], row["bead_steps_per_second"])
         if args.aoti:
             results["aoti_energy_only"] = aoti_energy_only(force_field, configurations, args.replicas)
     results["all_atom"] = best_of(all_atom_runs)
@@ -245,14 +259,24 @@ def main(argv: list[str] | None = None) -> dict:
             single[0]["steps_per_second"] / results["all_atom"]["steps_per_second"])
         summary["cg_torchforce_R1_over_all_atom_ns_per_day"] = (
             ns_per_day(single[0]["steps_per_second"], CG_TIME_STEP_PS) / results["all_atom"]["ns_per_day"])
-    native_single = [row for row in results["cg"] if row["replicas"] == 1 and row["backend"] == "native"]
+    native_single = [row for row in results["cg"]
+                     if row["replicas"] == 1 and row["backend"] == "native" and row["platform"] == args.platform]
     if native_single:
         summary["cg_native_R1_over_all_atom_steps_per_second"] = (
             native_single[0]["steps_per_second"] / results["all_atom"]["steps_per_second"])
         summary["cg_native_R1_over_all_atom_ns_per_day"] = (
             ns_per_day(native_single[0]["steps_per_second"], CG_TIME_STEP_PS) / results["all_atom"]["ns_per_day"])
+    native_reference = [row for row in results["cg"] if row["replicas"] == 1 and row["backend"] == "native"
+                        and row["platform"] == "Reference" and args.platform != "Reference"]
+    if native_reference:
+        summary["cg_native_R1_Reference_platform_over_all_atom_steps_per_second"] = (
+            native_reference[0]["steps_per_second"] / results["all_atom"]["steps_per_second"])
+        if single:
+            summary["native_R1_Reference_platform_over_torchforce_R1"] = (
+                native_reference[0]["steps_per_second"] / single[0]["steps_per_second"])
     for replicas in args.replicas:
-        pair = {row["backend"]: row for row in results["cg"] if row["replicas"] == replicas and not row.get("cuda_graphs")}
+        pair = {row["backend"]: row for row in results["cg"] if row["replicas"] == replicas and not row.get("cuda_graphs")
+                and row["platform"] == args.platform}
         for other in ("pythonforce", "exported", "native"):
             if "torchforce" in pair and other in pair:
                 summary[f"{other}_over_torchforce_R{replicas}"] = (
@@ -268,7 +292,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "LangevinMiddleIntegrator 300 K, 1/ps, 4 fs",
             "cg": "5 beads (ACE C, ALA N, CA, C, NME N); random-init CGNet width 160, 5 layers, tanh, Lipschitz "
                   "bound 4 (same cost as a trained one) + harmonic bond/angle priors; LangevinMiddleIntegrator "
-                  "300 K, 1/ps, 5 fs; R replicas in one System, one batched network call per step",
+                  "300 K, 1/ps, 5 fs; R replicas in one System, one batched network call per step; "
+                  "each CG row names its OpenMM platform",
             "bead_steps_per_second": "replicas * 5 beads * steps/s",
             "backends": "torchforce = openmmtorch.TorchForce (TorchScript); pythonforce = openmm.PythonForce calling "
                         "the TorchScript module; exported = openmm.PythonForce calling the torch.export program "
@@ -281,6 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
             "cpu_count": os.cpu_count(), "processor": platform_module.processor() or platform_module.machine(),
             "openmm_version": openmm.__version__, "torch_version": torch.__version__,
             "openmm_flowmatch_version": openmm_flowmatch.__version__,
+            "load_average_1_5_15min_start": [round(value, 2) for value in load_start],
+            "load_average_1_5_15min_end": [round(value, 2) for value in os.getloadavg()],
         },
         "results": results,
         "summary": summary,
