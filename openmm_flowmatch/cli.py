@@ -29,7 +29,7 @@ SMALL_NETWORK_COMMANDS = ("simulate", "demo", "check-time-step")
 """Commands that run PyTorch on one thread unless --torch-threads says otherwise."""
 
 
-FEATURE_SET_NAMES = ("dihedrals_and_distances", "all")
+FEATURE_SET_NAMES = ("dihedrals_and_distances", "all_but_bonds", "all")
 """Names of forcefield.features.FEATURE_SETS, default first (kept here so that --help imports no torch)."""
 
 
@@ -646,8 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--feature-set", default=None, choices=FEATURE_SET_NAMES,
         help="network features: dihedrals and distances (bonds and angles left to the priors; the default for "
-        "flow-matching, which it keeps integrable at 5 fs) or all of CGnet's (bonds and angles too; the default "
-        "for force matching)",
+        "flow-matching, which it keeps integrable at 5 fs), all but bonds (angles too; for Cα proteins, whose "
+        "angles are soft) or all of CGnet's (bonds and angles too; the default for force matching)",
     )
 
     sub = add("export", command_export, "Write the TorchScript force-field artifact (.pt with metadata) for OpenMM.")

@@ -112,7 +112,7 @@ def make_message_passing(chirality_head: bool = True) -> MessagePassingNet:
     return MessagePassingNet(types, hidden_width=16, n_interactions=2, n_radial=8, chirality_head=chirality_head).double()
 
 
-@pytest.mark.parametrize("network", ["cgnet_all", "cgnet_dihedrals_and_distances", "message_passing"])
+@pytest.mark.parametrize("network", [f"cgnet_{name}" for name in sorted(FEATURE_SETS)] + ["message_passing"])
 def test_mirrored_native_gets_another_energy_rotated_the_same(network, frames, native):
     model = make_message_passing() if network == "message_passing" else make_cgnet(frames, network[len("cgnet_"):])
     model.requires_grad_(False)
@@ -128,8 +128,9 @@ def test_mirrored_native_gets_another_energy_rotated_the_same(network, frames, n
     assert other_plane == pytest.approx(mirrored, abs=1e-9)
 
 
-def test_feature_sets_are_the_library_ones():
-    assert sorted(FEATURE_SETS) == ["all", "dihedrals_and_distances"]
+def test_every_feature_set_has_signed_dihedrals():
+    """Chirality lives in the signed dihedrals: no named feature set may drop them."""
+    assert all(options["include_dihedrals"] for options in FEATURE_SETS.values())
 
 
 def test_distance_only_message_passing_is_blind_to_the_mirror(native):

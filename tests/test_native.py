@@ -76,6 +76,7 @@ MODELS = {
     "tiny-tanh": ("dihedrals_and_distances", 8, 2, "tanh", None),
     "ala2-tanh": ("all", 160, 5, "tanh", 4.0),  # the paper's alanine-dipeptide CGNet
     "ala2-silu": ("all", 160, 5, "silu", None),
+    "tiny-all-but-bonds": ("all_but_bonds", 8, 2, "tanh", 10.0),  # the chignolin flow-matching features
 }
 
 

@@ -397,3 +397,12 @@ class InvariantFeatures(nn.Module):
         shape: List[int] = list(positions.shape[:-2])
         shape.append(self.n_features)
         return features.reshape(shape)
+
+
+# Everything but the bond lengths (the stiffest coordinates, left to the harmonic bond prior): angles,
+# signed dihedrals and distances of beads ≥ 2 bonds apart. For Cα proteins, whose CG angles are soft
+# and carry structure, a flow-matching network blind to angles fitted chignolin's teacher worse
+# (docs/benchmarks.md, "Chignolin").
+FEATURE_SETS["all_but_bonds"] = dict(
+    include_bonds=False, include_angles=True, include_dihedrals=True, include_distances=True, min_separation=2
+)
