@@ -42,6 +42,13 @@ FEATURE_SETS: dict[str, dict] = {
     "dihedrals_and_distances": dict(
         include_bonds=False, include_angles=False, include_dihedrals=True, include_distances=True, min_separation=3
     ),
+    # Everything but the bond lengths (the stiffest coordinates, left to the harmonic bond prior):
+    # angles, signed dihedrals and distances of beads ≥ 2 bonds apart. For Cα proteins, whose CG
+    # angles are soft and carry structure, a flow-matching network blind to angles fitted
+    # chignolin's teacher worse (docs/benchmarks.md, "Chignolin").
+    "all_but_bonds": dict(
+        include_bonds=False, include_angles=True, include_dihedrals=True, include_distances=True, min_separation=2
+    ),
     # The CGnet / paper feature set: bonds, angles, dihedrals and distances of non-bonded pairs.
     "all": dict(include_bonds=True, include_angles=True, include_dihedrals=True, include_distances=True, min_separation=2),
 }
@@ -397,12 +404,3 @@ class InvariantFeatures(nn.Module):
         shape: List[int] = list(positions.shape[:-2])
         shape.append(self.n_features)
         return features.reshape(shape)
-
-
-# Everything but the bond lengths (the stiffest coordinates, left to the harmonic bond prior): angles,
-# signed dihedrals and distances of beads ≥ 2 bonds apart. For Cα proteins, whose CG angles are soft
-# and carry structure, a flow-matching network blind to angles fitted chignolin's teacher worse
-# (docs/benchmarks.md, "Chignolin").
-FEATURE_SETS["all_but_bonds"] = dict(
-    include_bonds=False, include_angles=True, include_dihedrals=True, include_distances=True, min_separation=2
-)
