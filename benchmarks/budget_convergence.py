@@ -58,6 +58,7 @@ from data_efficiency import (  # noqa: E402
     ProtocolConfig,
     ProtocolError,
     StageLog,
+    apply_settings,
     atomic_write_json,
     default_pdb,
     environment,
@@ -801,21 +802,7 @@ def write_results(work: Path, results_directory: Path, command: str, wall_second
 
 
 def build_config(settings: Sequence[str]) -> BudgetConfig:
-    config = BudgetConfig()
-    fields = {f.name for f in dataclasses.fields(BudgetConfig)}
-    for item in settings:
-        key, _, value = item.partition("=")
-        if key not in fields:
-            raise ProtocolError(f"--set {item}: no such setting; choose from {sorted(fields)}")
-        current = getattr(config, key)
-        if isinstance(current, bool):
-            parsed: Any = value.strip().lower() in ("1", "true", "yes", "on")
-        elif isinstance(current, list):
-            parsed = json.loads(value)
-        else:
-            parsed = type(current)(value)
-        setattr(config, key, parsed)
-    return config
+    return apply_settings(BudgetConfig(), settings)
 
 
 def check_work_config(work: Path, config: BudgetConfig) -> None:

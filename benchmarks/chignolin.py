@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_efficiency import StageLog, atomic_write_json, environment, read_json  # noqa: E402
+from data_efficiency import StageLog, apply_settings, atomic_write_json, environment, read_json  # noqa: E402
 
 logger = logging.getLogger("chignolin")
 
@@ -498,16 +498,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def build_config(arguments: argparse.Namespace) -> ChignolinConfig:
-    import json
-
-    values = dict(PRESETS[arguments.preset])
-    known = {item.name for item in dataclasses.fields(ChignolinConfig)}
-    for item in arguments.set:
-        key, _, text = item.partition("=")
-        if key not in known or not text:
-            raise ChignolinError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(known)}")
-        values[key] = json.loads(text) if text[0] in "[{0123456789-tf" else text
-    return ChignolinConfig(**values)
+    return apply_settings(ChignolinConfig(**PRESETS[arguments.preset]), arguments.set, error=ChignolinError)
 
 
 def default_pdb() -> Path:

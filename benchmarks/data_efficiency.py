@@ -1087,18 +1087,30 @@ def build_config(arguments: argparse.Namespace) -> ProtocolConfig:
         config.sizes = [s if s == "all" else int(s) for s in arguments.sizes]
     if arguments.seeds:
         config.seeds = list(arguments.seeds)
-    fields = {f.name: f for f in dataclasses.fields(ProtocolConfig)}
-    for item in arguments.set:
+    return apply_settings(config, arguments.set)
+
+
+def apply_settings(config: Any, settings: Sequence[str], error: type = ProtocolError) -> Any:
+    """Set ``KEY=VALUE`` items (``--set``) on a dataclass config, each parsed as its field's type.
+
+    Booleans take 1/true/yes/on, lists JSON, other fields their type's constructor; an unknown
+    key or a value that does not parse raises ``error`` naming the item.
+    """
+    fields = {f.name for f in dataclasses.fields(config)}
+    for item in settings:
         key, _, value = item.partition("=")
         if key not in fields:
-            raise ProtocolError(f"--set {item}: no such setting; choose from {sorted(fields)}")
+            raise error(f"--set {item}: no such setting; choose from {sorted(fields)}")
         current = getattr(config, key)
-        if isinstance(current, bool):
-            parsed: Any = value.strip().lower() in ("1", "true", "yes", "on")
-        elif isinstance(current, list):
-            parsed = json.loads(value)
-        else:
-            parsed = type(current)(value)
+        try:
+            if isinstance(current, bool):
+                parsed: Any = value.strip().lower() in ("1", "true", "yes", "on")
+            elif isinstance(current, list):
+                parsed = json.loads(value)
+            else:
+                parsed = type(current)(value)
+        except ValueError as reason:
+            raise error(f"--set {item}: {reason}") from None
         setattr(config, key, parsed)
     return config
 

@@ -9,26 +9,15 @@ does not check accuracy (tiny networks, a few steps).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import mdtraj
 import numpy as np
 import pytest
+from benchmark_helpers import load_benchmark
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "chignolin.py"
 PDB = Path(__file__).resolve().parents[1] / "openmm_flowmatch" / "resources" / "chignolin_cln025.pdb"
-
-
-def load_benchmark():
-    sys.path.insert(0, str(BENCHMARK.parent))
-    spec = importlib.util.spec_from_file_location("chignolin_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def native_alpha_carbons() -> np.ndarray:
@@ -63,7 +52,7 @@ def finished(tmp_path_factory) -> tuple[Path, Path, dict]:
     data = write_runs(root / "data")
     arguments = ["--data", str(data), "--work", str(root / "work"), "--results", str(root / "results"),
                  "--preset", "quick"]
-    assert load_benchmark().main(arguments) == 0
+    assert load_benchmark("chignolin").main(arguments) == 0
     results = json.loads((root / "results" / "chignolin_quick.json").read_text())
     return root, data, results
 
@@ -88,7 +77,7 @@ def test_both_methods_run_every_stage(finished):
 
 def test_second_invocation_reuses_every_stage(finished, caplog):
     root, data, _ = finished
-    benchmark = load_benchmark()
+    benchmark = load_benchmark("chignolin")
     stamp = {path: path.stat().st_mtime_ns for path in (root / "work").rglob("*.json")}
     arguments = ["--data", str(data), "--work", str(root / "work"), "--results", str(root / "results"),
                  "--preset", "quick"]
@@ -100,7 +89,7 @@ def test_another_configuration_in_the_same_work_directory_is_refused(finished, c
     root, data, _ = finished
     arguments = ["--data", str(data), "--work", str(root / "work"), "--results", str(root / "results"),
                  "--preset", "quick", "--set", "replicas=6"]
-    assert load_benchmark().main(arguments) == 2
+    assert load_benchmark("chignolin").main(arguments) == 2
     assert "replicas: was 4, now 6" in caplog.text
 
 
@@ -108,5 +97,5 @@ def test_data_of_another_molecule_is_refused(tmp_path, caplog):
     data = write_runs(tmp_path / "data", beads=5)
     arguments = ["--data", str(data), "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
                  "--preset", "quick"]
-    assert load_benchmark().main(arguments) == 2
+    assert load_benchmark("chignolin").main(arguments) == 2
     assert "5 beads per frame, but CLN025 has 10" in caplog.text

@@ -8,62 +8,24 @@ replicas of 200 steps), so this checks the plumbing, caching and the split, not 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from openmm_flowmatch.flows.internal import internal_to_cartesian
-
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "data_efficiency.py"
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("data_efficiency_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-def synthetic_run(frames: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Chain positions (frames, 5, 3) nm and forces of E = ½k Σ(d − 0.145)² (kJ/mol/nm)."""
-    rng = np.random.default_rng(seed)
-    bonds = 0.145 + 0.004 * rng.standard_normal((frames, 4))
-    angles = 1.95 + 0.05 * rng.standard_normal((frames, 3))
-    basin = rng.random(frames) < 0.7
-    phi = np.where(basin, -2.5, -1.4) + 0.3 * rng.standard_normal(frames)
-    psi = np.where(basin, 2.6, -0.6) + 0.3 * rng.standard_normal(frames)
-    dihedrals = np.stack([phi, psi], axis=1)
-    positions = internal_to_cartesian(
-        torch.as_tensor(bonds), torch.as_tensor(angles), torch.as_tensor(dihedrals)
-    ).requires_grad_(True)
-    distance = (positions[:, 1:] - positions[:, :-1]).norm(dim=-1)
-    energy = (0.5 * 2.0e5 * (distance - 0.145) ** 2).sum()
-    (gradient,) = torch.autograd.grad(energy, positions)
-    return positions.detach().numpy().astype(np.float32), (-gradient).numpy().astype(np.float32)
+from benchmark_helpers import load_benchmark, write_alanine_like_runs
 
 
 @pytest.fixture(scope="module")
 def data_directory(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("runs")
-    for run_index, name in enumerate(("run_a", "run_b")):
-        directory = root / name
-        directory.mkdir()
-        for chunk in range(2):
-            x, f = synthetic_run(150, seed=10 * run_index + chunk)
-            np.savez(directory / f"chunk_{chunk:04d}.npz", x=x, f=f)
-    return root
+    return write_alanine_like_runs(tmp_path_factory.mktemp("runs"))
 
 
 @pytest.fixture(scope="module")
 def benchmark():
-    return load_benchmark()
+    return load_benchmark("data_efficiency")
 
 
 @pytest.fixture(scope="module")
