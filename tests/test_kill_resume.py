@@ -320,14 +320,11 @@ BENCHMARK_FAULTS = {
 @pytest.fixture(scope="module")
 def benchmark_reference(tmp_path_factory) -> dict:
     """Synthetic chunks and an uninterrupted quick data-efficiency run."""
-    from test_data_efficiency import synthetic_run
+    from benchmark_helpers import write_alanine_like_runs
 
     root = tmp_path_factory.mktemp("benchmark")
-    for run_index, name in enumerate(("run_a", "run_b")):
-        (root / "runs" / name).mkdir(parents=True)
-        for chunk in range(2):
-            x, f = synthetic_run(150, seed=10 * run_index + chunk)
-            np.savez(root / "runs" / name / f"chunk_{chunk:04d}.npz", x=x, f=f)
+    (root / "runs").mkdir()
+    write_alanine_like_runs(root / "runs")
     completed = run_cli(benchmark_arguments(root, "uninterrupted"))
     assert completed.returncode == 0, completed.stderr[-3000:]
     return {"root": root}
