@@ -181,6 +181,10 @@ def _shutdown() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()  # no rank tears down its connections while another still uses them
+        except Exception:  # noqa: BLE001 - a rank that died already: destroy anyway
+            pass
         dist.destroy_process_group()
 
 
