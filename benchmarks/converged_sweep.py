@@ -1,0 +1,601 @@
+"""Benchmark: both methods at their best, to a converged budget, over seeds (issue 16).
+
+The data-efficiency comparison of ``benchmarks/data_efficiency.py`` ran both methods at one fixed
+budget and the package defaults; ``benchmarks/budget_convergence.py`` then showed (seed 0) that
+force matching over-fits at N ≤ 10k frames and becomes unsound with more steps. Here each method
+gets its best shot, every seed the same protocol:
+
+1. **Data.** The final ``holdout_fraction`` of every run is held out. From it a fixed set of
+   ``validation_frames`` frames (positions and mapped all-atom forces, evenly spaced in time) is
+   cut into blocks of ``block_size`` frames; the even blocks are the **selection half** (early
+   stopping and the choice of regularisation of force matching), the odd blocks the **scoring
+   half** (every loss and convergence verdict reported). Training frames: N frames evenly spaced
+   over the rest, shifted by a seed-dependent fraction of their spacing (seed 0: the rule of
+   ``CGDataset.subsample``), so every seed trains on other frames.
+2. **Force matching at its best.** For every Lipschitz bound in ``lipschitz_grid`` and Adam weight
+   decay in ``weight_decay_grid``: the published schedule (3e-3 → 1e-5) over ``base_steps`` steps,
+   validated every ``base_steps / validations_per_run`` steps on the selection half, stopped when
+   that loss has not improved for ``patience_fraction`` of the budget; the weights with the lowest
+   selection loss are the model. The cell with the lowest selection loss wins.
+3. **Flow-matching at its best** without any all-atom force: flow, outlier threshold (a quantile of
+   the flow's own force scores at the N frames), ``teacher_samples`` teacher samples; the CG
+   network with the package defaults, early-stopped on its own last 10 % of teacher samples.
+4. **Budget doubling.** The chosen configuration of each method is trained again at 2× (and up to
+   ``2 ** max_doublings`` ×) the budget, with the schedule and patience scaled alike; a budget is
+   converged when doubling it changes the scoring-half loss by less than the paired moving-block
+   bootstrap error. The model of the first converged budget (else of the largest) is simulated.
+5. **Simulation.** ``replicas`` × (``equilibration_ps`` + ``simulation_ps``) at ``time_step_ps``,
+   Langevin at 300 K, from N-frame starts; φ/ψ JS / FES MSE vs the whole held-out reference, the
+   kinetic temperature (a run more than 2 % off the bath is flagged unsound), flow-matching also
+   vs its own teacher.
+6. **Summary.** Mean and spread over seeds per (N, method); the data-efficiency ratio (frames force
+   matching needs for flow-matching's JS, interpolated in log N / log JS) with a percentile
+   interval from resampling seeds; the floor: JS between the held-out blocks of the two runs.
+
+Every stage is cached under ``--work``; two workers may share a work directory (each (seed, N)
+unit is locked), and an interrupted one continues. Writes ``benchmarks/results/converged_sweep.json``
+and ``converged_sweep.png``.
+
+Usage::
+
+    nice -n 10 python benchmarks/converged_sweep.py --data DIR [--work benchmarks/runs/converged_sweep]
+        [--set KEY=VALUE ...] [--report-only] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from budget_convergence import (  # noqa: E402
+    BudgetConfig,
+    Validation,
+    select_validation,
+    stage_metrics,
+    stage_simulation,
+    stage_threshold,
+)
+from data_efficiency import (  # noqa: E402
+    ProtocolError,
+    StageLog,
+    UnitLock,
+    apply_settings,
+    atomic_write_json,
+    default_pdb,
+    efficiency_ratios,
+    environment,
+    fit_priors,
+    load_split,
+    phi_psi_metrics,
+    read_json,
+    resolve_size,
+    stage_flow,
+    stage_teacher,
+)
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+RESULTS = REPOSITORY / "benchmarks" / "results"
+METHODS = ("force-matching", "flow-matching")
+SOUND_TEMPERATURE_DEVIATION = 0.02
+"""A run whose mean kinetic temperature is off the bath by more than this fraction is unsound."""
+GOLDEN_FRACTION = 0.6180339887498949
+logger = logging.getLogger("converged_sweep")
+
+
+@dataclass
+class SweepConfig(BudgetConfig):
+    """Every setting of the sweep (recorded in the results JSON); the rest as :class:`BudgetConfig`."""
+
+    sizes: list = field(default_factory=lambda: [1000, 3000, 10000, 100000])
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    validations_per_run: int = 40
+    patience_fraction: float = 0.3
+    lipschitz_grid: list = field(default_factory=lambda: [2.0, 4.0, 10.0])
+    weight_decay_grid: list = field(default_factory=lambda: [0.0, 1e-3])
+    max_doublings: int = 1
+    flow_doubling: bool = False
+
+
+MUTABLE = ("sizes", "seeds", "threads", "max_doublings")
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def training_indices(total: int, n_frames: int, seed: int) -> np.ndarray:
+    """N frames evenly spaced over ``range(total)``, the grid shifted by a seed-dependent fraction.
+
+    Seed 0 gives ``round(linspace(0, total − 1, N))`` (``CGDataset.subsample``); seed s starts at
+    ``frac(s·0.618…) · (total − 1) / N`` instead of 0.
+    """
+    if n_frames >= total:
+        return np.arange(total)
+    start = ((seed * GOLDEN_FRACTION) % 1.0) * (total - 1) / n_frames
+    return np.unique(np.round(np.linspace(start, total - 1, n_frames)).astype(np.int64))
+
+
+def validation_halves(validation: Validation, block_size: int) -> tuple[Validation, Validation]:
+    """(selection, scoring): the even and the odd blocks of ``block_size`` consecutive frames."""
+    blocks = np.arange(len(validation.positions)) // int(block_size)
+    halves = []
+    for parity, role in ((0, "selection"), (1, "scoring")):
+        keep = blocks % 2 == parity
+        description = {**validation.description, "frames": int(keep.sum()), "role": role,
+                       "rule": f"blocks {parity}, {parity + 2}, … of {block_size} frames of the validation set"}
+        halves.append(Validation(validation.positions[keep], validation.forces[keep],
+                                 validation.global_indices[keep], description))
+    return halves[0], halves[1]
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+def stage_train(directory: Path, data: tuple, priors: Any, mapping: Any, config: SweepConfig, seed: int,
+                method: str, steps: int, lipschitz: float, weight_decay: float,
+                selection: Validation | None, scoring: Validation) -> dict:
+    """One force field: early-stopped on ``selection`` (None: its own last 10 %), scored on ``scoring``."""
+    from openmm_flowmatch.export import export_force_field
+    from openmm_flowmatch.forcefield import train_force_field
+    from openmm_flowmatch.forcefield.convergence import block_bootstrap_standard_error, per_frame_force_loss
+
+    directory.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(hidden_width=config.hidden_width, n_layers=config.n_layers, activation=config.activation,
+                  lipschitz_bound=lipschitz)
+    model = train_force_field(
+        data, priors, method=method, model_kwargs=kwargs, max_steps=steps, batch_size=config.batch_size,
+        validation_data=None if selection is None else (selection.positions, selection.forces),
+        learning_rate_schedule="published", weight_decay=weight_decay,
+        validation_interval=max(1, steps // config.validations_per_run),
+        patience_steps=int(round(config.patience_fraction * steps)),
+        checkpoint_path=directory / "checkpoint.pt", seed=seed, progress=False,
+    )
+    info = model.training_info
+    losses = per_frame_force_loss(model, priors, scoring.positions, scoring.forces)
+    np.save(directory / "losses.npy", losses)
+    export_force_field(model, directory / "model.pt", priors=priors, mapping=mapping, temperature=config.temperature,
+                       training=info)
+    return {
+        "method": method, "budget_steps": int(steps), "steps_run": int(info["steps"]),
+        "best_step": int(info["best_step"]), "stopped_early": bool(info["stopped_early"]),
+        "lipschitz_bound": float(lipschitz), "weight_decay": float(weight_decay),
+        "training_frames": int(info["frames"]), "early_stopping_on": "selection half" if selection is not None
+        else f"its own last {info['validation_frames']} training frames",
+        "selection_loss": float(info["best_validation_loss"]),
+        "scoring_loss": float(losses.mean()),
+        "scoring_loss_se": block_bootstrap_standard_error(losses, min(config.block_size, losses.size),
+                                                          config.n_bootstrap, seed),
+        "epochs_equivalent_run": info["steps"] * config.batch_size / info["frames"],
+        "training_seconds": float(info["training_seconds"]),
+    }
+
+
+def cell_name(lipschitz: float, weight_decay: float) -> str:
+    return f"L{lipschitz:g}_wd{weight_decay:g}"
+
+
+def doubling_ladder(directory: Path, train: Any, config: SweepConfig, seed: int, log: StageLog, tag: str) -> dict:
+    """Train ``x1, x2, x4, …`` (``train(path, steps)``) until a doubling changes the scoring loss < se."""
+    from openmm_flowmatch.forcefield.convergence import is_converged, paired_loss_difference
+
+    rungs, pairs, converged_at = [], [], None
+    for doubling in range(config.max_doublings + 1):
+        multiplier = 2 ** doubling
+        steps = multiplier * config.base_steps
+        path = directory / f"x{multiplier}"
+        rungs.append({**log.run_stage(f"{tag}: {steps} steps", path / "force_field.json",
+                                      lambda path=path, steps=steps: train(path, steps)), "directory": path.name})
+        if doubling == 0:
+            continue
+        before, after = (np.load(directory / rung["directory"] / "losses.npy") for rung in rungs[-2:])
+        difference, error = paired_loss_difference(after, before, min(config.block_size, before.size),
+                                                   config.n_bootstrap, seed)
+        same = bool(np.array_equal(before, after))
+        pairs.append({"from_steps": rungs[-2]["budget_steps"], "to_steps": steps, "difference": difference,
+                      "se": error, "converged": same or is_converged(float(before.mean()), float(after.mean()), error)})
+        if pairs[-1]["converged"]:
+            converged_at = rungs[-2]["budget_steps"]
+            break
+    chosen = next((r for r in rungs if r["budget_steps"] == converged_at), rungs[-1])
+    return {"rungs": rungs, "pairs": pairs, "converged_at_steps": converged_at, "model": chosen["directory"],
+            "verdict": f"converged at {converged_at} steps" if converged_at is not None
+            else f"not converged up to {rungs[-1]['budget_steps']} steps"}
+
+
+def force_matching_unit(unit: Path, data: tuple, priors: Any, mapping: Any, config: SweepConfig, seed: int,
+                        halves: tuple, log: StageLog, tag: str) -> dict:
+    """The regularisation grid at the base budget, then the budget ladder of the winning cell."""
+    selection, scoring = halves
+    grid = []
+    for lipschitz in config.lipschitz_grid:
+        for weight_decay in config.weight_decay_grid:
+            cell = unit / "grid" / cell_name(lipschitz, weight_decay)
+            grid.append(log.run_stage(
+                f"{tag}: grid {cell.name}", cell / "x1" / "force_field.json",
+                lambda cell=cell, lipschitz=lipschitz, weight_decay=weight_decay: stage_train(
+                    cell / "x1", data, priors, mapping, config, seed, "force-matching", config.base_steps,
+                    lipschitz, weight_decay, selection, scoring)))
+    best = min(grid, key=lambda record: record["selection_loss"])
+    chosen = unit / "grid" / cell_name(best["lipschitz_bound"], best["weight_decay"])
+
+    def train(path: Path, steps: int) -> dict:
+        return stage_train(path, data, priors, mapping, config, seed, "force-matching", steps,
+                           best["lipschitz_bound"], best["weight_decay"], selection, scoring)
+
+    ladder = doubling_ladder(chosen, train, config, seed, log, f"{tag}: {chosen.name}")
+    return {"grid": grid, "chosen_cell": chosen.name, "ladder": ladder,
+            "model_directory": str((chosen / ladder["model"]).relative_to(unit))}
+
+
+def flow_matching_unit(unit: Path, positions: np.ndarray, forces: np.ndarray, priors: Any, mapping: Any,
+                       config: SweepConfig, seed: int, reference: np.ndarray, scoring: Validation, log: StageLog,
+                       tag: str) -> dict:
+    """Flow, threshold, teacher (no all-atom force used), then the CG network's budget ladder."""
+    from openmm_flowmatch.data.storage import read_cg_file
+
+    seeded = dataclasses.replace(config, seed=seed)
+    protocol = seeded.protocol()
+    log.run_stage(f"{tag}: flow", unit / "flow" / "flow.json", lambda: stage_flow(unit, positions, protocol, seed))
+    threshold = log.run_stage(f"{tag}: outlier threshold", unit / "flow" / "threshold.json",
+                              lambda: stage_threshold(unit, positions, forces, seeded))
+    teacher_protocol = dataclasses.replace(protocol, force_threshold=threshold["force_threshold_kT2_per_nm2"])
+    log.run_stage(f"{tag}: teacher", unit / "flow" / "teacher.json",
+                  lambda: stage_teacher(unit, reference, teacher_protocol, seed))
+    teacher = read_cg_file(unit / "flow" / "teacher.h5")
+    data = (np.asarray(teacher["positions"]), np.asarray(teacher["forces"]))
+    teacher_metrics = log.run_stage(f"{tag}: teacher vs reference", unit / "flow" / "teacher_metrics.json",
+                                    lambda: phi_psi_metrics(reference, data[0], config.temperature))
+
+    def train(path: Path, steps: int) -> dict:
+        return stage_train(path, data, priors, mapping, config, seed, "flow-matching", steps,
+                           config.lipschitz_bound, 0.0, None, scoring)
+
+    ladder = doubling_ladder(unit / "network", train, config, seed, log, tag)
+    return {"ladder": ladder, "model_directory": f"network/{ladder['model']}", "teacher_vs_reference": teacher_metrics,
+            "threshold": threshold, "teacher_positions": data[0]}
+
+
+def reuse_seed0_flows(source: Path | None, work: Path, n_frames: int) -> None:
+    """Copy a budget_convergence run's seed-0 flow and teacher (the same frames, seed and settings)."""
+    if source is None:
+        return
+    origin = Path(source) / f"n{n_frames}" / "flow-matching" / "flow"
+    target = work / "seed0" / f"n{n_frames}" / "flow-matching" / "flow"
+    if origin.is_dir() and not (target / "teacher.json").exists():
+        shutil.copytree(origin, target, dirs_exist_ok=True)
+        logger.info("seed 0, N=%d: flow and teacher copied from %s", n_frames, origin)
+
+
+# ------------------------------------------------------------------------------------- protocol
+
+
+def simulate_model(directory: Path, starts: np.ndarray, mapping: Any, config: SweepConfig, seed: int,
+                   reference: np.ndarray, teacher: np.ndarray | None, log: StageLog, tag: str) -> dict:
+    seeded = dataclasses.replace(config, seed=seed)
+    simulation = log.run_stage(f"{tag}: simulation", directory / "simulation.json",
+                               lambda: stage_simulation(directory, starts, mapping, seeded))
+    metrics = log.run_stage(f"{tag}: metrics", directory / "metrics.json",
+                            lambda: stage_metrics(directory, reference, teacher, mapping, seeded, simulation))
+    return {"simulation": simulation, "metrics": metrics}
+
+
+def run_unit(work: Path, split: Any, mapping: Any, config: SweepConfig, seed: int, n_frames: int,
+             halves: tuple, log: StageLog, reuse_flows: Path | None = None) -> None:
+    """Every stage of one (seed, N): priors, both methods, their simulations."""
+    import torch
+
+    from openmm_flowmatch.priors import Priors
+
+    torch.manual_seed(seed)
+    unit = work / f"seed{seed}" / f"n{n_frames}"
+    indices = training_indices(split.pool.n_frames, n_frames, seed)
+    positions, forces = split.pool.positions[indices], split.pool.forces[indices]
+    tag = f"seed {seed}, N={n_frames}"
+    priors = Priors.from_dict(log.run_stage(
+        f"{tag}: priors", unit / "priors.json",
+        lambda: {"priors": fit_priors(positions, mapping, config.temperature).to_dict(), "frames": int(len(indices)),
+                 "first_indices": [int(i) for i in indices[:5]]})["priors"])
+    reference = split.reference.positions
+    starts = positions[np.linspace(0, len(positions) - 1, config.replicas).round().astype(int)].astype(np.float64)
+    for method in config.methods:
+        if method == "force-matching":
+            outcome = force_matching_unit(unit / method, (positions, forces), priors, mapping, config, seed, halves,
+                                          log, f"{tag}, FM")
+            teacher = None
+        else:
+            reuse_seed0_flows(reuse_flows if seed == 0 else None, work, n_frames)
+            outcome = flow_matching_unit(unit / method, positions, forces, priors, mapping, config, seed, reference,
+                                         halves[1], log, f"{tag}, FlM")
+            teacher = outcome.pop("teacher_positions")
+        atomic_write_json(unit / method / "outcome.json", outcome)
+        simulate_model(unit / method / outcome["model_directory"], starts, mapping, config, seed, reference, teacher,
+                       log, f"{tag}, {method}")
+
+
+def run_benchmark(data_directory: Path, work: Path, config: SweepConfig, pdb: Path | None = None,
+                  reuse_flows: Path | None = None) -> StageLog:
+    """Run (or continue) every unit this worker can lock; returns which stages ran.
+
+    ``reuse_flows``: a ``budget_convergence.py`` work directory run with the same data, flow and
+    teacher settings, whose seed-0 flows and teacher samples are copied instead of retrained.
+    """
+    import torch
+
+    from openmm_flowmatch.mapping import CGMapping
+
+    torch.set_num_threads(config.threads)
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    split = load_split(data_directory, config.protocol())
+    mapping = CGMapping.backbone(str(pdb or default_pdb()))
+    if mapping.n_beads != split.pool.n_beads:
+        raise ProtocolError(f"the structure maps to {mapping.n_beads} beads but the data has {split.pool.n_beads}")
+    atomic_write_json(work / "config.json", config.to_dict())
+    validation = select_validation(split, config)
+    halves = validation_halves(validation, config.block_size)
+    log = StageLog()
+    log.run_stage("data split, validation halves and floor", work / "split.json",
+                  lambda: {**split.description, "selection": halves[0].description, "scoring": halves[1].description,
+                           "floor": reference_floor(split, config)})
+    sizes = sorted({resolve_size(size, split.pool.n_frames) for size in config.sizes})
+    for seed in config.seeds:
+        for n_frames in sizes:
+            unit = work / f"seed{seed}" / f"n{n_frames}"
+            if (unit / "done.json").exists():
+                continue
+            unit.mkdir(parents=True, exist_ok=True)
+            lock = UnitLock(unit / "worker.lock")
+            if not lock.acquire():
+                logger.info("seed %d, N=%d: another worker holds it", seed, n_frames)
+                continue
+            try:
+                run_unit(work, split, mapping, config, seed, n_frames, halves, log, reuse_flows)
+                atomic_write_json(unit / "done.json", {"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            finally:
+                lock.release()
+    return log
+
+
+def reference_floor(split: Any, config: SweepConfig) -> dict:
+    """φ/ψ metrics of the first run's held-out block against the second's (finite-data floor)."""
+    lengths = split.description["frames_per_run"]
+    held = [int(round(n * config.holdout_fraction)) for n in lengths]
+    if len(held) < 2:
+        return {}
+    first = split.reference.positions[:held[0]]
+    second = split.reference.positions[held[0]:held[0] + held[1]]
+    return {"rule": "held-out block of run 1 vs held-out block of run 2", "frames": [len(first), len(second)],
+            **phi_psi_metrics(second, first, config.temperature)}
+
+
+# ------------------------------------------------------------------------------------- results
+
+
+def collect_results(work: Path) -> dict:
+    """Every finished (seed, N, method): its choices, ladder, simulation and metrics."""
+    work = Path(work)
+    records = []
+    for outcome_path in sorted(work.glob("seed*/n*/*/outcome.json")):
+        method_directory = outcome_path.parent
+        outcome = read_json(outcome_path)
+        model = method_directory / outcome["model_directory"]
+        if not (model / "metrics.json").exists():
+            continue
+        simulation, metrics = read_json(model / "simulation.json"), read_json(model / "metrics.json")
+        kinetic = (simulation.get("kinetic_temperature") or {}).get("mean")
+        records.append({
+            "seed": int(method_directory.parents[1].name[4:]), "n_frames": int(method_directory.parent.name[1:]),
+            "method": method_directory.name, **{k: v for k, v in outcome.items() if k != "teacher_positions"},
+            "simulation": simulation, "kinetic_temperature": kinetic,
+            "sound": kinetic is not None and abs(kinetic / 300.0 - 1) <= SOUND_TEMPERATURE_DEVIATION,
+            "metrics": metrics.get("vs_reference", {}), "vs_own_teacher": metrics.get("vs_own_teacher"),
+        })
+    records.sort(key=lambda r: (r["n_frames"], r["method"], r["seed"]))
+    split = read_json(work / "split.json") if (work / "split.json").exists() else {}
+    config = read_json(work / "config.json") if (work / "config.json").exists() else {}
+    return {"benchmark": "converged_sweep", "description": __doc__.split("\n\n")[0], "config": config,
+            "data": split, "floor": split.get("floor"), "results": records, "summary": summarize(records),
+            "ratios": ratio_intervals(records, "js_divergence")}
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Mean, standard deviation, min and max over seeds per (N, method)."""
+    rows = []
+    for n_frames, method in sorted({(r["n_frames"], r["method"]) for r in records}):
+        group = [r for r in records if r["n_frames"] == n_frames and r["method"] == method]
+        row: dict = {"n_frames": n_frames, "method": method, "seeds": [r["seed"] for r in group],
+                     "all_sound": all(r["sound"] for r in group),
+                     "converged": [r["ladder"]["converged_at_steps"] for r in group]}
+        values = {"js_divergence": [r["metrics"].get("js_divergence") for r in group],
+                  "fes_mse": [r["metrics"].get("fes_mse") for r in group],
+                  "kinetic_temperature": [r["kinetic_temperature"] for r in group],
+                  "scoring_loss": [next(x for x in r["ladder"]["rungs"] if x["directory"] == r["ladder"]["model"]
+                                        )["scoring_loss"] for r in group]}
+        if method == "flow-matching":
+            values["teacher_js"] = [r["teacher_vs_reference"]["js_divergence"] for r in group]
+        if method == "force-matching":
+            row["chosen_cells"] = [r["chosen_cell"] for r in group]
+        for name, items in values.items():
+            items = [v for v in items if v is not None]
+            if items:
+                row[name] = {"mean": float(np.mean(items)), "sd": float(np.std(items, ddof=1)) if len(items) > 1
+                             else None, "min": float(np.min(items)), "max": float(np.max(items)), "n": len(items)}
+        rows.append(row)
+    return rows
+
+
+def ratio_as_number(ratio: Any) -> float:
+    """A ratio from ``efficiency_ratios`` as a number: ``"> x"`` → inf, ``"<= x"`` → x."""
+    if isinstance(ratio, str):
+        return math.inf if ratio.startswith(">") else float(ratio.split()[-1])
+    return float(ratio) if ratio is not None else math.nan
+
+
+def ratio_intervals(records: list[dict], metric: str, n_bootstrap: int = 2000, seed: int = 0) -> list[dict]:
+    """The ratio at the seed means, and its 2.5–97.5 % interval from resampling seeds per (N, method)."""
+    usable = [r for r in records if r["metrics"].get(metric) is not None]
+    point = efficiency_ratios(usable, metric)
+    if not point:
+        return []
+    groups: dict = {}
+    for r in usable:
+        groups.setdefault((r["n_frames"], r["method"]), []).append(r)
+    generator = np.random.default_rng(seed)
+    draws: dict[int, list[float]] = {row["n_frames"]: [] for row in point}
+    for _ in range(n_bootstrap):
+        sample = [group[i] for group in groups.values() for i in generator.integers(0, len(group), len(group))]
+        for row in efficiency_ratios(sample, metric):
+            draws[row["n_frames"]].append(ratio_as_number(row["ratio"]))
+    for row in point:
+        values = np.nan_to_num(np.asarray(draws[row["n_frames"]]), posinf=np.finfo(float).max)
+        low, high = np.percentile(values, [2.5, 97.5], method="lower") if values.size else (math.nan, math.nan)
+        row["interval_95"] = [float(low) if low < np.finfo(float).max else "inf",
+                              float(high) if high < np.finfo(float).max else "inf"]
+        row["seeds_per_point"] = {m: len(groups.get((row["n_frames"], m), [])) for m in METHODS}
+    return point
+
+
+def markdown_table(results: dict) -> str:
+    """Seed means ± sd per N and method, then the ratios."""
+    def cell(row: dict, name: str, digits: int = 3) -> str:
+        value = row.get(name)
+        if not value:
+            return "—"
+        spread = f" ± {value['sd']:.{digits}g}" if value.get("sd") is not None else ""
+        return f"{value['mean']:.{digits}g}{spread}"
+
+    lines = ["| N | method | seeds | φ/ψ JS | FES MSE | T_kin (K) | scoring loss | converged at (steps) | FM cell |",
+             "|---:|---|---|---:|---:|---:|---:|---|---|"]
+    for row in results["summary"]:
+        lines.append(f"| {row['n_frames']} | {row['method']} | {row['seeds']} | {cell(row, 'js_divergence')} | "
+                     f"{cell(row, 'fes_mse')} | {cell(row, 'kinetic_temperature', 4)} | {cell(row, 'scoring_loss', 6)} | "
+                     f"{row['converged']} | {', '.join(row.get('chosen_cells', [])) or '—'} |")
+    lines += ["", "| N (flow-matching) | FlM JS | FM JS at N | frames FM needs | ratio | 95 % interval |",
+              "|---:|---:|---:|---:|---:|---|"]
+    for row in results["ratios"]:
+        ratio = row["ratio"] if isinstance(row["ratio"], str) else f"{row['ratio']:.3g}"
+        at_n = row.get("force_matching_at_n")
+        lines.append(f"| {row['n_frames']} | {row['flow_matching']:.3g} | {'—' if at_n is None else f'{at_n:.3g}'} | "
+                     f"{row.get('frames_needed', '—')} | {ratio} | {row['interval_95']} |")
+    floor = results.get("floor") or {}
+    if floor.get("js_divergence") is not None:
+        lines += ["", f"Floor (held-out run 1 vs run 2): JS {floor['js_divergence']:.3g}, FES MSE {floor['fes_mse']:.3g}"]
+    return "\n".join(lines)
+
+
+def plot_results(results: dict, path: Path) -> Path | None:
+    """JS vs N per method (seed spread as bars), teacher and floor; kinetic temperature below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not results["summary"]:
+        return None
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(6, 7), sharex=True)
+    for method, colour in zip(METHODS, ("tab:blue", "tab:orange")):
+        rows = [r for r in results["summary"] if r["method"] == method and "js_divergence" in r]
+        sizes = [r["n_frames"] for r in rows]
+        for axis, name in ((top, "js_divergence"), (bottom, "kinetic_temperature")):
+            mean = np.array([r[name]["mean"] for r in rows])
+            low, high = mean - [r[name]["min"] for r in rows], np.array([r[name]["max"] for r in rows]) - mean
+            axis.errorbar(sizes, mean, yerr=[low, high], marker="o", capsize=3, color=colour, label=method)
+        if method == "flow-matching" and rows and "teacher_js" in rows[0]:
+            top.plot(sizes, [r["teacher_js"]["mean"] for r in rows], ls=":", color=colour, label="teacher (flow)")
+    floor = (results.get("floor") or {}).get("js_divergence")
+    if floor is not None:
+        top.axhline(floor, color="black", lw=0.8, ls="-.", label="floor: run 1 vs run 2 held out")
+    top.set(xscale="log", yscale="log", ylabel="φ/ψ JS vs held-out reference")
+    bottom.axhline(300.0, color="black", lw=0.8)
+    bottom.axhspan(300 * (1 - SOUND_TEMPERATURE_DEVIATION), 300 * (1 + SOUND_TEMPERATURE_DEVIATION), color="0.9")
+    step = (results.get("config") or {}).get("time_step_ps", 0) * 1000
+    bottom.set(xscale="log", xlabel="training frames N", ylabel=f"kinetic T (K) at {step:g} fs")
+    top.legend(fontsize=8)
+    top.set_title("both methods at their best, converged budgets (bars: min–max over seeds)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def write_results(work: Path, results_directory: Path, command: str, wall_seconds: float | None = None) -> dict:
+    results = collect_results(work)
+    results.update(environment())
+    results["command"] = command
+    stage_seconds = [read_json(p).get("wall_seconds") for p in Path(work).rglob("*.json")
+                     if p.name not in ("config.json", "outcome.json", "done.json")]
+    results["wall_seconds_all_stages"] = float(sum(v for v in stage_seconds if isinstance(v, (int, float))))
+    if wall_seconds is not None:
+        results["wall_seconds_this_invocation"] = wall_seconds
+    results["written"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    results_directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(results_directory / "converged_sweep.json", results)
+    plot_results(results, results_directory / "converged_sweep.png")
+    return results
+
+
+# ------------------------------------------------------------------------------------- command line
+
+
+def check_work_config(work: Path, config: SweepConfig) -> None:
+    """A work directory holds one protocol; only the settings in MUTABLE may change."""
+    path = Path(work) / "config.json"
+    if not path.exists():
+        return
+    old = read_json(path)
+    mismatched = [key for key, value in config.to_dict().items() if key not in MUTABLE and old.get(key) != value]
+    if mismatched:
+        raise ProtocolError(f"{Path(work).name} was run with other settings ({', '.join(mismatched)}); "
+                            "use another --work directory or the same settings")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, help="directory of runs holding chunk_*.npz (x, f)")
+    parser.add_argument("--work", type=Path, default=REPOSITORY / "benchmarks" / "runs" / "converged_sweep")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--pdb", type=Path, default=None)
+    parser.add_argument("--reuse-flows", type=Path, default=None,
+                        help="a budget_convergence work directory whose seed-0 flows and teachers to copy")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a SweepConfig field")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
+    arguments = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    given = list(sys.argv[1:] if argv is None else argv)
+    shown = [("DIR" if previous in ("--data", "--reuse-flows") else "WORK"
+              if previous in ("--work", "--results", "--pdb") else item)
+             for previous, item in zip([None, *given], given)]  # no machine paths in the results
+    command = "python benchmarks/converged_sweep.py " + " ".join(shown)
+    started = time.perf_counter()
+    try:
+        config = apply_settings(SweepConfig(), arguments.set)
+        if not arguments.report_only:
+            if arguments.data is None:
+                raise ProtocolError("--data DIR is required (a directory of runs with chunk_*.npz files)")
+            check_work_config(arguments.work, config)
+            run_benchmark(arguments.data, arguments.work, config, pdb=arguments.pdb, reuse_flows=arguments.reuse_flows)
+        if not (Path(arguments.work) / "config.json").exists():
+            raise ProtocolError(f"{arguments.work} holds no run yet; start one with --data DIR")
+        results = write_results(arguments.work, arguments.results, command, time.perf_counter() - started)
+    except ProtocolError as error:
+        logger.error("%s", error)
+        return 2
+    if arguments.markdown:
+        print(markdown_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""benchmarks/converged_sweep.py: its data rules, budget ladder, ratio intervals, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmark_helpers import load_benchmark, write_alanine_like_runs
+
+from openmm_flowmatch.data.dataset import evenly_spaced_indices
+
+TINY = [
+    "sizes=[60]", "seeds=[0,1]", "validation_frames=40", "block_size=5", "n_bootstrap=200", "base_steps=6",
+    "batch_size=16", "validations_per_run=3", "patience_fraction=0.5", "lipschitz_grid=[2.0,10.0]",
+    "weight_decay_grid=[0.0]", "max_doublings=1", "hidden_width=16", "n_layers=2", "flow_steps=4", "flow_batch=32",
+    "flow_blocks=1", "flow_hidden=16", "teacher_samples=200", "replicas=2", "simulation_ps=0.4",
+    "equilibration_ps=0.04", "report_interval=10",
+]
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    return load_benchmark("converged_sweep")
+
+
+@pytest.fixture(scope="module")
+def data_directory(tmp_path_factory) -> Path:
+    return write_alanine_like_runs(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(benchmark, data_directory, tmp_path_factory):
+    work = tmp_path_factory.mktemp("work")
+    results = tmp_path_factory.mktemp("results")
+    argv = ["--data", str(data_directory), "--work", str(work), "--results", str(results), "--set", *TINY]
+    assert benchmark.main(argv) == 0
+    return work, results, argv
+
+
+@pytest.mark.parametrize("total, n_frames", [(1000, 10), (192000, 100000), (50, 49), (30, 60)])
+def test_training_frames_are_n_distinct_frames_seed_zero_the_subsample_rule(benchmark, total, n_frames):
+    zero = benchmark.training_indices(total, n_frames, 0)
+    np.testing.assert_array_equal(zero, evenly_spaced_indices(total, n_frames))
+    for seed in (1, 2, 7):
+        indices = benchmark.training_indices(total, n_frames, seed)
+        assert len(indices) == min(total, n_frames) and len(np.unique(indices)) == len(indices)
+        assert indices.min() >= 0 and indices.max() == total - 1
+        if n_frames < total / 2:  # room to shift: another seed, other frames
+            assert not np.array_equal(indices, zero)
+
+
+def test_validation_halves_alternate_blocks_and_cover_the_set(benchmark):
+    positions = np.arange(23, dtype=float)[:, None, None] * np.ones((1, 2, 3))
+    validation = benchmark.Validation(positions, -positions, np.arange(100, 123), {"frames": 23})
+    selection, scoring = benchmark.validation_halves(validation, 5)
+    assert selection.global_indices.tolist() == [*range(100, 105), *range(110, 115), *range(120, 123)]
+    assert scoring.global_indices.tolist() == [*range(105, 110), *range(115, 120)]
+    np.testing.assert_array_equal(scoring.forces, -scoring.positions)
+    assert selection.description["role"] == "selection" and scoring.description["frames"] == 10
+
+
+def fake_trainer(directory: Path, losses_by_steps: dict, calls: list):
+    def train(path: Path, steps: int) -> dict:
+        calls.append(steps)
+        path.mkdir(parents=True, exist_ok=True)
+        np.save(path / "losses.npy", losses_by_steps[steps])
+        return {"budget_steps": steps, "scoring_loss": float(losses_by_steps[steps].mean())}
+    return train
+
+
+def test_the_ladder_stops_at_the_first_converged_doubling(benchmark, tmp_path):
+    from data_efficiency import StageLog
+
+    rng = np.random.default_rng(0)
+    noise = 1000 + 50 * rng.standard_normal(400)
+    losses = {10: noise + 30.0, 20: noise + 0.01 * rng.standard_normal(400), 40: noise}
+    config = benchmark.SweepConfig(base_steps=10, max_doublings=2, block_size=20, n_bootstrap=300)
+    calls: list = []
+    ladder = benchmark.doubling_ladder(tmp_path, fake_trainer(tmp_path, losses, calls), config, 0, StageLog(), "t")
+    # 10 → 20 moves the loss by −30 with a paired error ≪ 30: not converged; 20 → 40 by ~0: converged
+    assert calls == [10, 20, 40]
+    first, second = ladder["pairs"]
+    assert not first["converged"] and first["difference"] == pytest.approx(-30.0, abs=0.01)
+    assert second["converged"] and ladder["converged_at_steps"] == 20 and ladder["model"] == "x2"
+    # capped: one doubling only, not converged → the largest budget's model
+    capped = benchmark.doubling_ladder(tmp_path / "capped", fake_trainer(tmp_path, losses, []),
+                                       benchmark.SweepConfig(base_steps=10, max_doublings=1, block_size=20), 0,
+                                       StageLog(), "t")
+    assert capped["converged_at_steps"] is None and capped["model"] == "x2"
+    assert capped["verdict"] == "not converged up to 20 steps"
+
+
+def records(values: dict) -> list[dict]:
+    return [{"n_frames": n, "method": method, "seed": seed, "metrics": {"js_divergence": js}}
+            for (n, method), per_seed in values.items() for seed, js in enumerate(per_seed)]
+
+
+def test_ratio_interval_from_resampled_seeds(benchmark):
+    # force matching's JS falls 10× per 10× frames; flow-matching at 1000 equals force matching at 10 000
+    values = {(1000, "force-matching"): [0.1, 0.1, 0.1], (10000, "force-matching"): [0.01, 0.01, 0.01],
+              (100000, "force-matching"): [0.001, 0.001, 0.001], (1000, "flow-matching"): [0.01, 0.01, 0.01],
+              (10000, "flow-matching"): [0.0001, 0.0002, 0.0003]}
+    rows = {row["n_frames"]: row for row in benchmark.ratio_intervals(records(values), "js_divergence", 200)}
+    assert rows[1000]["ratio"] == pytest.approx(10.0) and rows[1000]["interval_95"] == pytest.approx([10.0, 10.0])
+    # out of force matching's measured range: a lower bound, and an interval reaching infinity
+    assert rows[10000]["ratio"] == "> 10" and rows[10000]["interval_95"] == ["inf", "inf"]
+    assert rows[1000]["seeds_per_point"] == {"force-matching": 3, "flow-matching": 3}
+    # spread over seeds widens the interval around the point estimate
+    values[(1000, "flow-matching")] = [0.005, 0.01, 0.02]
+    row = {r["n_frames"]: r for r in benchmark.ratio_intervals(records(values), "js_divergence", 500)}[1000]
+    low, high = row["interval_95"]
+    assert low < row["ratio"] < high
+    assert benchmark.ratio_as_number("> 3") == math.inf and benchmark.ratio_as_number("<= 0.5") == 0.5
+
+
+def test_tiny_sweep_end_to_end(benchmark, finished_run):
+    work, results, _ = finished_run
+    payload = json.loads((results / "converged_sweep.json").read_text())
+    assert (results / "converged_sweep.png").stat().st_size > 0
+    assert {(r["seed"], r["method"]) for r in payload["results"]} == {
+        (seed, method) for seed in (0, 1) for method in ("force-matching", "flow-matching")}
+    for record in payload["results"]:
+        ladder = record["ladder"]
+        assert [rung["budget_steps"] for rung in ladder["rungs"]] == [6, 12]
+        assert len(ladder["pairs"]) == 1 and ladder["model"] == ("x1" if ladder["pairs"][0]["converged"] else "x2")
+        assert record["simulation"]["time_step_ps"] == 0.004 and record["kinetic_temperature"] > 0
+        assert 0.0 <= record["metrics"]["js_divergence"] <= math.log(2.0) + 1e-12
+        if record["method"] == "force-matching":
+            # the winning cell has the lowest loss on the selection half
+            losses = {f"L{cell['lipschitz_bound']:g}_wd{cell['weight_decay']:g}": cell["selection_loss"]
+                      for cell in record["grid"]}
+            assert set(losses) == {"L2_wd0", "L10_wd0"} and record["chosen_cell"] == min(losses, key=losses.get)
+            assert all(cell["early_stopping_on"] == "selection half" for cell in record["grid"])
+        else:
+            assert record["teacher_vs_reference"]["js_divergence"] >= 0
+            assert record["ladder"]["rungs"][0]["early_stopping_on"].startswith("its own last")
+    # the two halves: 20 + 20 frames, disjoint; seeds trained on different frames
+    assert payload["data"]["selection"]["frames"] == payload["data"]["scoring"]["frames"] == 20
+    priors = [json.loads((work / f"seed{s}" / "n60" / "priors.json").read_text()) for s in (0, 1)]
+    assert priors[0]["first_indices"] != priors[1]["first_indices"]
+    assert payload["floor"]["js_divergence"] >= 0
+    assert [row["n_frames"] for row in payload["ratios"]] == [60]
+    assert str(work) not in json.dumps(payload)
+    assert "| 60 | force-matching | [0, 1] |" in benchmark.markdown_table(payload)
+
+
+def test_rerun_is_cached_and_changed_settings_are_refused(benchmark, finished_run, data_directory):
+    work, _, argv = finished_run
+    artifacts = {path: path.stat().st_mtime_ns for path in work.rglob("model.pt")}
+    (work / "seed1" / "n60" / "done.json").unlink()  # as if interrupted after its last stage
+    log = benchmark.run_benchmark(data_directory, work, benchmark.apply_settings(benchmark.SweepConfig(), TINY))
+    # split + priors + FM (2 cells, the ladder's 1× = the winning cell, 2×)
+    # + FlM (flow, threshold, teacher, its metrics, 2 rungs) + 2 × (simulation, metrics)
+    assert [event["status"] for event in log.events] == ["cached"] * (1 + 1 + 4 + 6 + 4)
+    assert {path: path.stat().st_mtime_ns for path in artifacts} == artifacts
+    assert benchmark.main([*argv, "base_steps=7"]) == 2
+    benchmark.check_work_config(work, benchmark.apply_settings(benchmark.SweepConfig(), [*TINY, "seeds=[0,1,2]"]))
