@@ -23,11 +23,13 @@ gets its best shot, every seed the same protocol:
 4. **Budget doubling.** The chosen configuration of each method is trained again at 2× (and up to
    ``2 ** max_doublings`` ×) the budget, with the schedule and patience scaled alike; a budget is
    converged when doubling it changes the scoring-half loss by less than the paired moving-block
-   bootstrap error. The model of the first converged budget (else of the largest) is simulated.
-5. **Simulation.** ``replicas`` × (``equilibration_ps`` + ``simulation_ps``) at ``time_step_ps``,
-   Langevin at 300 K, from N-frame starts; φ/ψ JS / FES MSE vs the whole held-out reference, the
-   kinetic temperature (a run more than 2 % off the bath is flagged unsound), flow-matching also
-   vs its own teacher.
+   bootstrap error. The model of the first converged budget (else of the largest) is the
+   method's model at that (seed, N).
+5. **Simulation.** Every budget's model: ``replicas`` × (``equilibration_ps`` + ``simulation_ps``)
+   at ``time_step_ps``, Langevin at 300 K, from N-frame starts; φ/ψ JS / FES MSE vs the whole
+   held-out reference with a JS error bar from resampling whole replicas, the kinetic temperature
+   (a run more than 2 % off the bath is flagged unsound), flow-matching also vs its own teacher.
+   The JS doubling check: |JS(2B) − JS(B)| below the two error bars combined.
 6. **Summary.** Mean and spread over seeds per (N, method); the data-efficiency ratio (frames force
    matching needs for flow-matching's JS, interpolated in log N / log JS) with a percentile
    interval from resampling seeds; the floor: JS between the held-out blocks of the two runs.
@@ -281,12 +283,74 @@ def reuse_seed0_flows(source: Path | None, work: Path, n_frames: int) -> None:
 
 def simulate_model(directory: Path, starts: np.ndarray, mapping: Any, config: SweepConfig, seed: int,
                    reference: np.ndarray, teacher: np.ndarray | None, log: StageLog, tag: str) -> dict:
+    """Simulate one force field; its φ/ψ metrics, and the JS error bar from resampling its replicas."""
     seeded = dataclasses.replace(config, seed=seed)
     simulation = log.run_stage(f"{tag}: simulation", directory / "simulation.json",
                                lambda: stage_simulation(directory, starts, mapping, seeded))
     metrics = log.run_stage(f"{tag}: metrics", directory / "metrics.json",
                             lambda: stage_metrics(directory, reference, teacher, mapping, seeded, simulation))
-    return {"simulation": simulation, "metrics": metrics}
+    spread = log.run_stage(f"{tag}: JS error bar", directory / "js_bootstrap.json",
+                           lambda: stage_js_bootstrap(directory, reference, mapping, seeded))
+    return {"simulation": simulation, "metrics": metrics, "js_bootstrap": spread}
+
+
+def production_replicas(directory: Path, mapping: Any, config: SweepConfig) -> list[np.ndarray]:
+    """Every replica's positions after ``equilibration_ps``, cut to the shortest."""
+    from data_efficiency import production_parts, trajectory_positions
+
+    paths = sorted((directory / "simulation").glob("replica_*.dcd"))
+    frame_ps = config.report_interval * config.time_step_ps
+    protocol = dataclasses.replace(config.protocol(), equilibration_ps=config.equilibration_ps)
+    production, length = production_parts(trajectory_positions(paths, mapping.cg_topology()), protocol, frame_ps)
+    return [replica[:length] for replica in production]
+
+
+def js_replica_bootstrap(reference: np.ndarray, replicas: Sequence[np.ndarray], n_bootstrap: int, seed: int,
+                         bins: int = 60) -> dict:
+    """φ/ψ JS vs ``reference`` of all replicas, and its standard error from resampling whole replicas.
+
+    The histogram is DESIGN.md's (``bins`` × ``bins`` on [−π, π)²), so ``js`` equals the JS of
+    ``compare_phi_psi`` on the pooled replicas.
+    """
+    from openmm_flowmatch.analysis import js_divergence, phi_psi
+
+    edges = np.linspace(-np.pi, np.pi, bins + 1)
+
+    def histogram(positions: np.ndarray) -> np.ndarray:
+        phi, psi = phi_psi(positions)
+        return np.histogram2d(phi, psi, bins=[edges, edges])[0]
+
+    target = histogram(reference)
+    per_replica = np.stack([histogram(replica) for replica in replicas])
+    generator = np.random.default_rng(seed)
+    draws = [js_divergence(target, per_replica[generator.integers(0, len(per_replica), len(per_replica))].sum(0))
+             for _ in range(n_bootstrap)]
+    return {"js": js_divergence(target, per_replica.sum(0)), "se": float(np.std(draws, ddof=1)),
+            "replicas": len(per_replica), "resamples": int(n_bootstrap), "rule": "bootstrap over whole replicas"}
+
+
+def stage_js_bootstrap(directory: Path, reference: np.ndarray, mapping: Any, config: SweepConfig) -> dict:
+    replicas = production_replicas(directory, mapping, config)
+    if not replicas or len(replicas[0]) == 0:
+        return {"js": None, "se": None, "replicas": len(replicas)}
+    return js_replica_bootstrap(reference, replicas, min(config.n_bootstrap, 200), config.seed)
+
+
+def js_convergence(directory: Path, ladder: dict) -> list[dict]:
+    """For every doubling of a simulated ladder: the JS change and its error (replica bootstraps)."""
+    rows = []
+    for before, after in zip(ladder["rungs"], ladder["rungs"][1:]):
+        paths = [directory / rung["directory"] / "js_bootstrap.json" for rung in (before, after)]
+        if not all(path.exists() for path in paths):
+            continue
+        first, second = (read_json(path) for path in paths)
+        if first.get("js") is None or second.get("js") is None:
+            continue
+        error = math.hypot(first["se"], second["se"])
+        change = second["js"] - first["js"]
+        rows.append({"from_steps": before["budget_steps"], "to_steps": after["budget_steps"], "js_change": change,
+                     "se": error, "converged": abs(change) < error})
+    return rows
 
 
 def run_unit(work: Path, split: Any, mapping: Any, config: SweepConfig, seed: int, n_frames: int,
@@ -320,6 +384,10 @@ def run_unit(work: Path, split: Any, mapping: Any, config: SweepConfig, seed: in
         atomic_write_json(unit / method / "outcome.json", outcome)
         simulate_model(unit / method / outcome["model_directory"], starts, mapping, config, seed, reference, teacher,
                        log, f"{tag}, {method}")
+        ladder_directory = (unit / method / outcome["model_directory"]).parent
+        for rung in outcome["ladder"]["rungs"]:  # every budget of the ladder, for the JS doubling check
+            simulate_model(ladder_directory / rung["directory"], starts, mapping, config, seed, reference, teacher,
+                           log, f"{tag}, {method}, {rung['budget_steps']} steps")
 
 
 def run_benchmark(data_directory: Path, work: Path, config: SweepConfig, pdb: Path | None = None,
@@ -351,8 +419,6 @@ def run_benchmark(data_directory: Path, work: Path, config: SweepConfig, pdb: Pa
     for seed in config.seeds:
         for n_frames in sizes:
             unit = work / f"seed{seed}" / f"n{n_frames}"
-            if (unit / "done.json").exists():
-                continue
             unit.mkdir(parents=True, exist_ok=True)
             lock = UnitLock(unit / "worker.lock")
             if not lock.acquire():
@@ -360,7 +426,6 @@ def run_benchmark(data_directory: Path, work: Path, config: SweepConfig, pdb: Pa
                 continue
             try:
                 run_unit(work, split, mapping, config, seed, n_frames, halves, log, reuse_flows)
-                atomic_write_json(unit / "done.json", {"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             finally:
                 lock.release()
     return log
@@ -393,12 +458,20 @@ def collect_results(work: Path) -> dict:
             continue
         simulation, metrics = read_json(model / "simulation.json"), read_json(model / "metrics.json")
         kinetic = (simulation.get("kinetic_temperature") or {}).get("mean")
+        spread = read_json(model / "js_bootstrap.json") if (model / "js_bootstrap.json").exists() else {}
+        rung_temperatures = {}
+        for rung in outcome["ladder"]["rungs"]:
+            path = model.parent / rung["directory"] / "simulation.json"
+            if path.exists():
+                rung_temperatures[rung["budget_steps"]] = (read_json(path).get("kinetic_temperature") or {}).get("mean")
         records.append({
             "seed": int(method_directory.parents[1].name[4:]), "n_frames": int(method_directory.parent.name[1:]),
             "method": method_directory.name, **{k: v for k, v in outcome.items() if k != "teacher_positions"},
             "simulation": simulation, "kinetic_temperature": kinetic,
             "sound": kinetic is not None and abs(kinetic / 300.0 - 1) <= SOUND_TEMPERATURE_DEVIATION,
             "metrics": metrics.get("vs_reference", {}), "vs_own_teacher": metrics.get("vs_own_teacher"),
+            "js_se": spread.get("se"), "js_doubling": js_convergence(model.parent, outcome["ladder"]),
+            "kinetic_temperature_per_budget": rung_temperatures,
         })
     records.sort(key=lambda r: (r["n_frames"], r["method"], r["seed"]))
     split = read_json(work / "split.json") if (work / "split.json").exists() else {}
@@ -415,8 +488,11 @@ def summarize(records: list[dict]) -> list[dict]:
         group = [r for r in records if r["n_frames"] == n_frames and r["method"] == method]
         row: dict = {"n_frames": n_frames, "method": method, "seeds": [r["seed"] for r in group],
                      "all_sound": all(r["sound"] for r in group),
-                     "converged": [r["ladder"]["converged_at_steps"] for r in group]}
+                     "converged": [r["ladder"]["converged_at_steps"] for r in group],
+                     "js_doubling_converged": [all(p["converged"] for p in r["js_doubling"]) if r["js_doubling"]
+                                               else None for r in group]}
         values = {"js_divergence": [r["metrics"].get("js_divergence") for r in group],
+                  "js_replica_se": [r.get("js_se") for r in group],
                   "fes_mse": [r["metrics"].get("fes_mse") for r in group],
                   "kinetic_temperature": [r["kinetic_temperature"] for r in group],
                   "scoring_loss": [next(x for x in r["ladder"]["rungs"] if x["directory"] == r["ladder"]["model"]
@@ -474,12 +550,16 @@ def markdown_table(results: dict) -> str:
         spread = f" ± {value['sd']:.{digits}g}" if value.get("sd") is not None else ""
         return f"{value['mean']:.{digits}g}{spread}"
 
-    lines = ["| N | method | seeds | φ/ψ JS | FES MSE | T_kin (K) | scoring loss | converged at (steps) | FM cell |",
-             "|---:|---|---|---:|---:|---:|---:|---|---|"]
+    lines = ["| N | method | seeds | φ/ψ JS (mean ± sd over seeds) | replica se of JS | FES MSE | T_kin (K) | "
+             "scoring loss | loss converged at (steps) | JS doubling within error | FM cell |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---|---|---|"]
     for row in results["summary"]:
+        replica_se = row.get("js_replica_se")
         lines.append(f"| {row['n_frames']} | {row['method']} | {row['seeds']} | {cell(row, 'js_divergence')} | "
+                     f"{'—' if not replica_se else format(replica_se['mean'], '.2g')} | "
                      f"{cell(row, 'fes_mse')} | {cell(row, 'kinetic_temperature', 4)} | {cell(row, 'scoring_loss', 6)} | "
-                     f"{row['converged']} | {', '.join(row.get('chosen_cells', [])) or '—'} |")
+                     f"{row['converged']} | {row['js_doubling_converged']} | "
+                     f"{', '.join(row.get('chosen_cells', [])) or '—'} |")
     lines += ["", "| N (flow-matching) | FlM JS | FM JS at N | frames FM needs | ratio | 95 % interval |",
               "|---:|---:|---:|---:|---:|---|"]
     for row in results["ratios"]:

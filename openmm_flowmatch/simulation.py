@@ -56,12 +56,21 @@ __all__ = [
     "summarize_kinetic_temperatures",
     "validate_dynamics",
     "select_platform",
+    "default_cg_platform",
     "replicate_topology",
     "run_simulation",
     "simulate_force_field",
 ]
 
 PLATFORM_PREFERENCE = ("CUDA", "CPU", "Reference")
+SMALL_NATIVE_SYSTEM_BEADS = 50
+"""Beads (all replicas together) up to which :func:`simulate_force_field` runs a native-kernel
+system on the Reference platform when no platform is named and CPU would be chosen: OpenMM's CPU
+platform costs tens of µs per step in thread hand-offs, more than a small network. Measured with
+benchmarks/bench_cg_md.py (alanine dipeptide, 5 beads per replica, 1 thread, shared 2-core CPU):
+Reference/CPU steps/s 4.8× at 5 beads, 1.4× at 50, 1.35× at 150, 1.4× at 500, all on one
+thread. The CPU platform spreads replicas over its threads (not measured here with more than one),
+so only systems this small, where one thread is the whole job, leave it."""
 """Platforms tried in order when none is named."""
 
 RUN_INFO_FILE = "simulation.json"
@@ -153,6 +162,34 @@ def select_platform(name: str | None = None):
         if candidate in available:
             return openmm.Platform.getPlatformByName(candidate)
     return openmm.Platform.getPlatform(0)
+
+
+def default_cg_platform(force_field: Any, n_beads: int, backend: str | None = None) -> tuple[str, str]:
+    """``(platform name, reason)`` for a CG system when the caller named no platform.
+
+    OpenMM's preference (CUDA > CPU > Reference), except that a system of at most
+    :data:`SMALL_NATIVE_SYSTEM_BEADS` beads whose network runs on the native kernel goes to the
+    Reference platform instead of CPU (faster there; see that constant).
+
+    Parameters
+    ----------
+    force_field
+        A :class:`~openmm_flowmatch.export.FlowMatchForceField`.
+    n_beads
+        Beads of the System (all replicas).
+    backend
+        The network backend asked for (``None``/``"auto"``: what ``auto`` picks on Reference).
+    """
+    preferred = select_platform(None).getName()
+    if preferred != "CPU":
+        return preferred, f"OpenMM's preferred platform ({' > '.join(PLATFORM_PREFERENCE)})"
+    if n_beads > SMALL_NATIVE_SYSTEM_BEADS:
+        return preferred, f"{n_beads} beads: more than {SMALL_NATIVE_SYSTEM_BEADS}, the CPU platform's threads pay off"
+    native = backend == "native" or (backend in (None, "auto") and force_field.auto_backend("Reference")[0] == "native")
+    if not native:
+        return preferred, "the network does not run on the native kernel"
+    return "Reference", (f"{n_beads} beads on the native kernel: the Reference platform is faster than CPU's "
+                         f"thread hand-offs up to {SMALL_NATIVE_SYSTEM_BEADS} beads")
 
 
 # --------------------------------------------------------------------------------------------
@@ -975,13 +1012,18 @@ def simulate_force_field(
         for the network on the chosen platform, else TorchForce (logged).
     **options
         Passed to :func:`run_simulation` (temperature, friction, time_step, platform, ...).
-        The temperature defaults to the artifact's training temperature.
+        The temperature defaults to the artifact's training temperature. Without ``platform`` and
+        ``platform_properties`` the platform is :func:`default_cg_platform`'s (logged): OpenMM's
+        preferred one, but Reference for a small system on the native kernel.
     """
     from openmm_flowmatch.export import FlowMatchForceField
 
     force_field = FlowMatchForceField.load(artifact)
     topology, positions = cg_structure(force_field, structure)
     copies = replicas if batched else 1
+    if options.get("platform") is None and not options.get("platform_properties"):
+        options["platform"], reason = default_cg_platform(force_field, copies * topology.getNumAtoms(), backend)
+        logger.info("platform: %s (%s)", options["platform"], reason)
     hint = select_platform(options.get("platform")).getName()
     system = force_field.create_system(
         replicate_topology(topology, copies), replicas=copies, platform_hint=hint, backend=backend

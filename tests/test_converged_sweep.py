@@ -94,6 +94,20 @@ def test_the_ladder_stops_at_the_first_converged_doubling(benchmark, tmp_path):
     assert capped["verdict"] == "not converged up to 20 steps"
 
 
+def test_js_error_bar_resamples_whole_replicas(benchmark):
+    from openmm_flowmatch.analysis import compare_phi_psi
+
+    from benchmark_helpers import alanine_like_run
+
+    reference = alanine_like_run(400, seed=1)[0]
+    replicas = [alanine_like_run(50, seed=10 + index)[0] for index in range(6)]
+    spread = benchmark.js_replica_bootstrap(reference, replicas, 100, seed=0)
+    pooled = compare_phi_psi(reference, np.concatenate(replicas)).metrics["js_divergence"]
+    assert spread["js"] == pytest.approx(pooled, rel=1e-12) and spread["se"] > 0 and spread["replicas"] == 6
+    # identical replicas: every resample is the same histogram
+    assert benchmark.js_replica_bootstrap(reference, [replicas[0]] * 5, 50, seed=0)["se"] == 0.0
+
+
 def records(values: dict) -> list[dict]:
     return [{"n_frames": n, "method": method, "seed": seed, "metrics": {"js_divergence": js}}
             for (n, method), per_seed in values.items() for seed, js in enumerate(per_seed)]
@@ -128,6 +142,9 @@ def test_tiny_sweep_end_to_end(benchmark, finished_run):
         assert [rung["budget_steps"] for rung in ladder["rungs"]] == [6, 12]
         assert len(ladder["pairs"]) == 1 and ladder["model"] == ("x1" if ladder["pairs"][0]["converged"] else "x2")
         assert record["simulation"]["time_step_ps"] == 0.004 and record["kinetic_temperature"] > 0
+        assert record["js_se"] >= 0 and set(record["kinetic_temperature_per_budget"]) == {"6", "12"}
+        (doubling,) = record["js_doubling"]
+        assert doubling["converged"] == (abs(doubling["js_change"]) < doubling["se"])
         assert 0.0 <= record["metrics"]["js_divergence"] <= math.log(2.0) + 1e-12
         if record["method"] == "force-matching":
             # the winning cell has the lowest loss on the selection half
@@ -151,11 +168,10 @@ def test_tiny_sweep_end_to_end(benchmark, finished_run):
 def test_rerun_is_cached_and_changed_settings_are_refused(benchmark, finished_run, data_directory):
     work, _, argv = finished_run
     artifacts = {path: path.stat().st_mtime_ns for path in work.rglob("model.pt")}
-    (work / "seed1" / "n60" / "done.json").unlink()  # as if interrupted after its last stage
     log = benchmark.run_benchmark(data_directory, work, benchmark.apply_settings(benchmark.SweepConfig(), TINY))
-    # split + priors + FM (2 cells, the ladder's 1× = the winning cell, 2×)
-    # + FlM (flow, threshold, teacher, its metrics, 2 rungs) + 2 × (simulation, metrics)
-    assert [event["status"] for event in log.events] == ["cached"] * (1 + 1 + 4 + 6 + 4)
+    # split + 2 seeds × [priors + FM (2 cells, the ladder's 1× = the winning cell, 2×)
+    # + FlM (flow, threshold, teacher, its metrics, 2 rungs) + 2 methods × (chosen model + 2 rungs) × 3 stages]
+    assert [event["status"] for event in log.events] == ["cached"] * (1 + 2 * (1 + 4 + 6 + 2 * 3 * 3))
     assert {path: path.stat().st_mtime_ns for path in artifacts} == artifacts
     assert benchmark.main([*argv, "base_steps=7"]) == 2
     benchmark.check_work_config(work, benchmark.apply_settings(benchmark.SweepConfig(), [*TINY, "seeds=[0,1,2]"]))

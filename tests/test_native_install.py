@@ -146,3 +146,43 @@ def test_auto_refuses_other_platforms_and_networks(cgnet, setting, tmp_path):
     assert backend == "torchforce"
     if native.native_available():
         assert "only CGNet" in reason
+
+
+@pytest.mark.skipif(not native.native_available(), reason=f"native kernel unavailable: {native.native_unavailable_reason()}")
+def test_small_native_systems_default_to_the_reference_platform(cgnet, setting, tmp_path, monkeypatch):
+    from openmm_flowmatch import simulation
+
+    monkeypatch.setattr(simulation, "select_platform", lambda name=None: openmm.Platform.getPlatformByName(
+        name or "CPU"))  # as on a machine without CUDA
+    limit = simulation.SMALL_NATIVE_SYSTEM_BEADS
+    assert simulation.default_cg_platform(cgnet, 5)[0] == "Reference"
+    assert simulation.default_cg_platform(cgnet, limit, "native")[0] == "Reference"
+    platform, reason = simulation.default_cg_platform(cgnet, limit + 1)
+    assert platform == "CPU" and f"more than {limit}" in reason
+    platform, reason = simulation.default_cg_platform(cgnet, 5, "torchforce")
+    assert platform == "CPU" and "does not run on the native kernel" in reason
+    # end to end: no platform named → Reference, and the result says so; a named one is kept
+    mapping, configurations, _ = setting
+    pdb = tmp_path / "cg.pdb"
+    from openmm.app import PDBFile
+
+    with open(pdb, "w") as handle:
+        PDBFile.writeFile(mapping.cg_topology(), configurations[0] * openmm.unit.nanometer, handle)
+    result = simulation.simulate_force_field(cgnet.path, pdb, tmp_path / "auto", 20, report_interval=10,
+                                             progress=False)
+    assert result.platform == "Reference"
+    named = simulation.simulate_force_field(cgnet.path, pdb, tmp_path / "named", 20, report_interval=10,
+                                            platform="CPU", progress=False)
+    assert named.platform == "CPU"
+
+
+def test_other_preferred_platforms_are_kept(cgnet, monkeypatch):
+    from openmm_flowmatch import simulation
+
+    class Fake:
+        def getName(self):
+            return "CUDA"
+
+    monkeypatch.setattr(simulation, "select_platform", lambda name=None: Fake())
+    platform, reason = simulation.default_cg_platform(cgnet, 5)
+    assert platform == "CUDA" and "preferred" in reason
