@@ -107,9 +107,12 @@ class SweepConfig(BudgetConfig):
     weight_decay_grid: list = field(default_factory=lambda: [0.0, 1e-3])
     max_doublings: int = 1
     flow_doubling: bool = False
+    # outlier-threshold sensitivity of flow-matching (seed 0 only): other quantiles, "none" = keep every sample
+    threshold_sensitivity: list = field(default_factory=lambda: [0.99, "none"])
+    sensitivity_sizes: list = field(default_factory=lambda: [1000, 10000])
 
 
-MUTABLE = ("sizes", "seeds", "threads", "max_doublings")
+MUTABLE = ("sizes", "seeds", "threads", "max_doublings", "threshold_sensitivity", "sensitivity_sizes")
 
 
 # ------------------------------------------------------------------------------------- data
@@ -267,6 +270,38 @@ def flow_matching_unit(unit: Path, positions: np.ndarray, forces: np.ndarray, pr
             "threshold": threshold, "teacher_positions": data[0]}
 
 
+def threshold_variant(unit: Path, positions: np.ndarray, forces: np.ndarray, priors: Any, mapping: Any,
+                      config: SweepConfig, seed: int, quantile: Any, reference: np.ndarray, scoring: Validation,
+                      starts: np.ndarray, log: StageLog, tag: str) -> None:
+    """Flow-matching with the same flow but another outlier threshold: teacher, 1× network, simulation."""
+    directory = unit / f"threshold_{quantile}"
+    (directory / "flow").mkdir(parents=True, exist_ok=True)
+    if not (directory / "flow" / "flow.pt").exists():
+        shutil.copy(unit / "flow" / "flow.pt", directory / "flow" / "flow.pt")
+    seeded = dataclasses.replace(config, seed=seed)
+    if quantile == "none":
+        threshold = {"force_threshold_kT2_per_nm2": None, "quantile": None, "of": "no threshold"}
+    else:
+        threshold = log.run_stage(f"{tag}: threshold at quantile {quantile}", directory / "flow" / "threshold.json",
+                                  lambda: stage_threshold(unit, positions, forces,
+                                                          dataclasses.replace(seeded, threshold_quantile=float(quantile))))
+    value = threshold["force_threshold_kT2_per_nm2"]
+    protocol = dataclasses.replace(seeded.protocol(), force_threshold=math.inf if value is None else value)
+    teacher_record = log.run_stage(f"{tag}: teacher", directory / "flow" / "teacher.json",
+                                   lambda: stage_teacher(directory, reference, protocol, seed))
+    from openmm_flowmatch.data.storage import read_cg_file
+
+    teacher = read_cg_file(directory / "flow" / "teacher.h5")
+    data = (np.asarray(teacher["positions"]), np.asarray(teacher["forces"]))
+    network = directory / "network" / "x1"
+    log.run_stage(f"{tag}: {config.base_steps} steps", network / "force_field.json",
+                  lambda: stage_train(network, data, priors, mapping, config, seed, "flow-matching", config.base_steps,
+                                      config.lipschitz_bound, 0.0, None, scoring))
+    simulate_model(network, starts, mapping, config, seed, reference, data[0], log, tag)
+    atomic_write_json(directory / "variant.json", {"quantile": quantile, "threshold": threshold,
+                                                   "dropped_fraction": teacher_record["dropped_fraction"]})
+
+
 def reuse_seed0_flows(source: Path | None, work: Path, n_frames: int) -> None:
     """Copy a budget_convergence run's seed-0 flow and teacher (the same frames, seed and settings)."""
     if source is None:
@@ -388,6 +423,10 @@ def run_unit(work: Path, split: Any, mapping: Any, config: SweepConfig, seed: in
         for rung in outcome["ladder"]["rungs"]:  # every budget of the ladder, for the JS doubling check
             simulate_model(ladder_directory / rung["directory"], starts, mapping, config, seed, reference, teacher,
                            log, f"{tag}, {method}, {rung['budget_steps']} steps")
+        if method == "flow-matching" and seed == 0 and n_frames in config.sensitivity_sizes:
+            for quantile in config.threshold_sensitivity:
+                threshold_variant(unit / method, positions, forces, priors, mapping, config, seed, quantile, reference,
+                                  halves[1], starts, log, f"{tag}, FlM, threshold {quantile}")
 
 
 def run_benchmark(data_directory: Path, work: Path, config: SweepConfig, pdb: Path | None = None,
@@ -474,11 +513,36 @@ def collect_results(work: Path) -> dict:
             "kinetic_temperature_per_budget": rung_temperatures,
         })
     records.sort(key=lambda r: (r["n_frames"], r["method"], r["seed"]))
+    sensitivity = [threshold_row(path, records) for path in sorted(work.glob("seed*/n*/flow-matching/threshold_*"))
+                   if (path / "variant.json").exists() and (path / "network" / "x1" / "js_bootstrap.json").exists()]
     split = read_json(work / "split.json") if (work / "split.json").exists() else {}
     config = read_json(work / "config.json") if (work / "config.json").exists() else {}
     return {"benchmark": "converged_sweep", "description": __doc__.split("\n\n")[0], "config": config,
             "data": split, "floor": split.get("floor"), "results": records, "summary": summarize(records),
+            "threshold_sensitivity": sensitivity,
             "ratios": ratio_intervals(records, "js_divergence")}
+
+
+def threshold_row(directory: Path, records: list[dict]) -> dict:
+    """One threshold variant beside the default-threshold model of its (seed, N) at the same budget."""
+    seed, n_frames = int(directory.parents[2].name[4:]), int(directory.parents[1].name[1:])
+    variant, network = read_json(directory / "variant.json"), directory / "network" / "x1"
+    kinetic = (read_json(network / "simulation.json").get("kinetic_temperature") or {}).get("mean")
+    default_model = directory.parent / "network" / "x1"
+    default = read_json(default_model / "js_bootstrap.json") if (default_model / "js_bootstrap.json").exists() else {}
+    return {"seed": seed, "n_frames": n_frames, "quantile": variant["quantile"],
+            "force_threshold_kT2_per_nm2": variant["threshold"]["force_threshold_kT2_per_nm2"],
+            "dropped_fraction": variant["dropped_fraction"],
+            "teacher_js": read_json(directory / "flow" / "teacher.json")["teacher_vs_reference"]["js_divergence"],
+            "js": read_json(network / "js_bootstrap.json"), "kinetic_temperature": kinetic,
+            "scoring_loss": read_json(network / "force_field.json")["scoring_loss"],
+            "default_threshold_same_budget": {"quantile": read_json(work_config(directory)).get("threshold_quantile"),
+                                              "js": default}}
+
+
+def work_config(directory: Path) -> Path:
+    """The config.json of the work directory that holds ``directory`` (seed*/n*/method/variant)."""
+    return directory.parents[3] / "config.json"
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -567,6 +631,18 @@ def markdown_table(results: dict) -> str:
         at_n = row.get("force_matching_at_n")
         lines.append(f"| {row['n_frames']} | {row['flow_matching']:.3g} | {'—' if at_n is None else f'{at_n:.3g}'} | "
                      f"{row.get('frames_needed', '—')} | {ratio} | {row['interval_95']} |")
+    if results.get("threshold_sensitivity"):
+        lines += ["", "| seed | N | outlier threshold (quantile) | (kT/nm)² | teacher draws dropped | teacher JS | "
+                      "CG JS ± replica se | same budget, default quantile | T_kin (K) |",
+                  "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for row in results["threshold_sensitivity"]:
+            value = row["force_threshold_kT2_per_nm2"]
+            default = row["default_threshold_same_budget"]
+            lines.append(f"| {row['seed']} | {row['n_frames']} | {row['quantile']} | "
+                         f"{'none' if value is None else format(value, '.3g')} | {row['dropped_fraction']:.4f} | "
+                         f"{row['teacher_js']:.3g} | {row['js']['js']:.3g} ± {row['js']['se']:.2g} | "
+                         f"{default['js'].get('js', float('nan')):.3g} ({default['quantile']}) | "
+                         f"{row['kinetic_temperature']:.4g} |")
     floor = results.get("floor") or {}
     if floor.get("js_divergence") is not None:
         lines += ["", f"Floor (held-out run 1 vs run 2): JS {floor['js_divergence']:.3g}, FES MSE {floor['fes_mse']:.3g}"]

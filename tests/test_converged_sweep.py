@@ -18,7 +18,7 @@ TINY = [
     "batch_size=16", "validations_per_run=3", "patience_fraction=0.5", "lipschitz_grid=[2.0,10.0]",
     "weight_decay_grid=[0.0]", "max_doublings=1", "hidden_width=16", "n_layers=2", "flow_steps=4", "flow_batch=32",
     "flow_blocks=1", "flow_hidden=16", "teacher_samples=200", "replicas=2", "simulation_ps=0.4",
-    "equilibration_ps=0.04", "report_interval=10",
+    "equilibration_ps=0.04", "report_interval=10", 'threshold_sensitivity=[0.9,"none"]', "sensitivity_sizes=[60]",
 ]
 
 
@@ -161,6 +161,11 @@ def test_tiny_sweep_end_to_end(benchmark, finished_run):
     assert priors[0]["first_indices"] != priors[1]["first_indices"]
     assert payload["floor"]["js_divergence"] >= 0
     assert [row["n_frames"] for row in payload["ratios"]] == [60]
+    variants = {row["quantile"]: row for row in payload["threshold_sensitivity"]}
+    assert set(variants) == {0.9, "none"} and all(row["seed"] == 0 for row in variants.values())
+    assert variants["none"]["force_threshold_kT2_per_nm2"] is None and variants["none"]["dropped_fraction"] == 0.0
+    assert variants[0.9]["force_threshold_kT2_per_nm2"] > 0 and variants[0.9]["dropped_fraction"] > 0
+    assert variants[0.9]["default_threshold_same_budget"]["quantile"] == 0.999
     assert str(work) not in json.dumps(payload)
     assert "| 60 | force-matching | [0, 1] |" in benchmark.markdown_table(payload)
 
@@ -171,7 +176,8 @@ def test_rerun_is_cached_and_changed_settings_are_refused(benchmark, finished_ru
     log = benchmark.run_benchmark(data_directory, work, benchmark.apply_settings(benchmark.SweepConfig(), TINY))
     # split + 2 seeds × [priors + FM (2 cells, the ladder's 1× = the winning cell, 2×)
     # + FlM (flow, threshold, teacher, its metrics, 2 rungs) + 2 methods × (chosen model + 2 rungs) × 3 stages]
-    assert [event["status"] for event in log.events] == ["cached"] * (1 + 2 * (1 + 4 + 6 + 2 * 3 * 3))
+    # + seed 0's two threshold variants (threshold for the quantile one, teacher, network, 3 simulation stages)
+    assert [event["status"] for event in log.events] == ["cached"] * (1 + 2 * (1 + 4 + 6 + 2 * 3 * 3) + 6 + 5)
     assert {path: path.stat().st_mtime_ns for path in artifacts} == artifacts
     assert benchmark.main([*argv, "base_steps=7"]) == 2
     benchmark.check_work_config(work, benchmark.apply_settings(benchmark.SweepConfig(), [*TINY, "seeds=[0,1,2]"]))
