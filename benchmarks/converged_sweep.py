@@ -28,7 +28,8 @@ gets its best shot, every seed the same protocol:
 5. **Simulation.** Every budget's model: ``replicas`` × (``equilibration_ps`` + ``simulation_ps``)
    at ``time_step_ps``, Langevin at 300 K, from N-frame starts; φ/ψ JS / FES MSE vs the whole
    held-out reference with a JS error bar from resampling whole replicas, the kinetic temperature
-   (a run more than 2 % off the bath is flagged unsound), flow-matching also vs its own teacher.
+   (a run more than 2 % off the bath is unsound: the model is simulated again at half the step and
+   that run is reported), flow-matching also vs its own teacher.
    The JS doubling check: |JS(2B) − JS(B)| below the two error bars combined.
 6. **Summary.** Mean and spread over seeds per (N, method); the data-efficiency ratio (frames force
    matching needs for flow-matching's JS, interpolated in log N / log JS) with a percentile
@@ -317,8 +318,12 @@ def reuse_seed0_flows(source: Path | None, work: Path, n_frames: int) -> None:
 
 
 def simulate_model(directory: Path, starts: np.ndarray, mapping: Any, config: SweepConfig, seed: int,
-                   reference: np.ndarray, teacher: np.ndarray | None, log: StageLog, tag: str) -> dict:
-    """Simulate one force field; its φ/ψ metrics, and the JS error bar from resampling its replicas."""
+                   reference: np.ndarray, teacher: np.ndarray | None, log: StageLog, tag: str, depth: int = 0) -> dict:
+    """Simulate one force field; its φ/ψ metrics, and the JS error bar from resampling its replicas.
+
+    A run whose kinetic temperature is off the bath by more than SOUND_TEMPERATURE_DEVIATION is
+    repeated once at half the time step (subdirectory ``half_step``).
+    """
     seeded = dataclasses.replace(config, seed=seed)
     simulation = log.run_stage(f"{tag}: simulation", directory / "simulation.json",
                                lambda: stage_simulation(directory, starts, mapping, seeded))
@@ -326,7 +331,35 @@ def simulate_model(directory: Path, starts: np.ndarray, mapping: Any, config: Sw
                             lambda: stage_metrics(directory, reference, teacher, mapping, seeded, simulation))
     spread = log.run_stage(f"{tag}: JS error bar", directory / "js_bootstrap.json",
                            lambda: stage_js_bootstrap(directory, reference, mapping, seeded))
+    if not is_sound(simulation) and depth < 1:
+        # unsound at this step: the same model again at half the step (its results are then the model's)
+        half = directory / HALF_STEP
+        half.mkdir(exist_ok=True)
+        if not (half / "model.pt").exists():
+            (half / "model.pt").symlink_to(Path("..") / "model.pt")
+        simulate_model(half, starts, mapping, dataclasses.replace(config, time_step_ps=config.time_step_ps / 2), seed,
+                       reference, teacher, log, f"{tag}, half step", depth=depth + 1)
     return {"simulation": simulation, "metrics": metrics, "js_bootstrap": spread}
+
+
+HALF_STEP = "half_step"
+"""Subdirectory of a model simulated again at half the time step because it ran unsound."""
+
+
+def is_sound(simulation: dict) -> bool:
+    """Finished, with a mean kinetic temperature within SOUND_TEMPERATURE_DEVIATION of 300 K."""
+    kinetic = (simulation.get("kinetic_temperature") or {}).get("mean")
+    return (simulation.get("status") == "finished" and kinetic is not None
+            and abs(kinetic / 300.0 - 1) <= SOUND_TEMPERATURE_DEVIATION)
+
+
+def sound_run(directory: Path) -> tuple[Path, dict]:
+    """The model's run to report: its own if sound, else its half-step run when there is one."""
+    simulation = read_json(directory / "simulation.json")
+    half = directory / HALF_STEP
+    if not is_sound(simulation) and (half / "js_bootstrap.json").exists():
+        return half, read_json(half / "simulation.json")
+    return directory, simulation
 
 
 def production_replicas(directory: Path, mapping: Any, config: SweepConfig) -> list[np.ndarray]:
@@ -375,16 +408,18 @@ def js_convergence(directory: Path, ladder: dict) -> list[dict]:
     """For every doubling of a simulated ladder: the JS change and its error (replica bootstraps)."""
     rows = []
     for before, after in zip(ladder["rungs"], ladder["rungs"][1:]):
-        paths = [directory / rung["directory"] / "js_bootstrap.json" for rung in (before, after)]
-        if not all(path.exists() for path in paths):
+        runs = [directory / rung["directory"] for rung in (before, after)]
+        if not all((run / "js_bootstrap.json").exists() for run in runs):
             continue
-        first, second = (read_json(path) for path in paths)
+        runs = [sound_run(run)[0] for run in runs]
+        first, second = (read_json(run / "js_bootstrap.json") for run in runs)
+        steps = [read_json(run / "simulation.json")["time_step_ps"] for run in runs]
         if first.get("js") is None or second.get("js") is None:
             continue
         error = math.hypot(first["se"], second["se"])
         change = second["js"] - first["js"]
         rows.append({"from_steps": before["budget_steps"], "to_steps": after["budget_steps"], "js_change": change,
-                     "se": error, "converged": abs(change) < error})
+                     "se": error, "converged": abs(change) < error, "time_steps_fs": [1000 * dt for dt in steps]})
     return rows
 
 
@@ -417,10 +452,8 @@ def run_unit(work: Path, split: Any, mapping: Any, config: SweepConfig, seed: in
                                          halves[1], log, f"{tag}, FlM")
             teacher = outcome.pop("teacher_positions")
         atomic_write_json(unit / method / "outcome.json", outcome)
-        simulate_model(unit / method / outcome["model_directory"], starts, mapping, config, seed, reference, teacher,
-                       log, f"{tag}, {method}")
         ladder_directory = (unit / method / outcome["model_directory"]).parent
-        for rung in outcome["ladder"]["rungs"]:  # every budget of the ladder, for the JS doubling check
+        for rung in outcome["ladder"]["rungs"]:  # every budget (the chosen one among them), for the JS doubling check
             simulate_model(ladder_directory / rung["directory"], starts, mapping, config, seed, reference, teacher,
                            log, f"{tag}, {method}, {rung['budget_steps']} steps")
         if method == "flow-matching" and seed == 0 and n_frames in config.sensitivity_sizes:
@@ -493,21 +526,30 @@ def collect_results(work: Path) -> dict:
         method_directory = outcome_path.parent
         outcome = read_json(outcome_path)
         model = method_directory / outcome["model_directory"]
-        if not (model / "metrics.json").exists():
+        if not (model / "js_bootstrap.json").exists():
             continue
-        simulation, metrics = read_json(model / "simulation.json"), read_json(model / "metrics.json")
+        first_step = read_json(model / "simulation.json")
+        run, simulation = sound_run(model)
+        metrics = read_json(run / "metrics.json")
         kinetic = (simulation.get("kinetic_temperature") or {}).get("mean")
-        spread = read_json(model / "js_bootstrap.json") if (model / "js_bootstrap.json").exists() else {}
+        spread = read_json(run / "js_bootstrap.json")
         rung_temperatures = {}
         for rung in outcome["ladder"]["rungs"]:
-            path = model.parent / rung["directory"] / "simulation.json"
-            if path.exists():
-                rung_temperatures[rung["budget_steps"]] = (read_json(path).get("kinetic_temperature") or {}).get("mean")
+            path = model.parent / rung["directory"]
+            if (path / "simulation.json").exists():
+                rung_temperatures[rung["budget_steps"]] = {
+                    f"{read_json(p / 'simulation.json')['time_step_ps'] * 1000:g} fs":
+                    (read_json(p / "simulation.json").get("kinetic_temperature") or {}).get("mean")
+                    for p in (path, path / HALF_STEP) if (p / "simulation.json").exists()}
         records.append({
             "seed": int(method_directory.parents[1].name[4:]), "n_frames": int(method_directory.parent.name[1:]),
             "method": method_directory.name, **{k: v for k, v in outcome.items() if k != "teacher_positions"},
             "simulation": simulation, "kinetic_temperature": kinetic,
-            "sound": kinetic is not None and abs(kinetic / 300.0 - 1) <= SOUND_TEMPERATURE_DEVIATION,
+            "time_step_fs": simulation["time_step_ps"] * 1000,
+            "first_step": {"time_step_fs": first_step["time_step_ps"] * 1000,
+                           "kinetic_temperature": (first_step.get("kinetic_temperature") or {}).get("mean"),
+                           "sound": is_sound(first_step)},
+            "sound": is_sound(simulation),
             "metrics": metrics.get("vs_reference", {}), "vs_own_teacher": metrics.get("vs_own_teacher"),
             "js_se": spread.get("se"), "js_doubling": js_convergence(model.parent, outcome["ladder"]),
             "kinetic_temperature_per_budget": rung_temperatures,
@@ -526,16 +568,18 @@ def collect_results(work: Path) -> dict:
 def threshold_row(directory: Path, records: list[dict]) -> dict:
     """One threshold variant beside the default-threshold model of its (seed, N) at the same budget."""
     seed, n_frames = int(directory.parents[2].name[4:]), int(directory.parents[1].name[1:])
-    variant, network = read_json(directory / "variant.json"), directory / "network" / "x1"
-    kinetic = (read_json(network / "simulation.json").get("kinetic_temperature") or {}).get("mean")
+    variant, (network, simulation) = read_json(directory / "variant.json"), sound_run(directory / "network" / "x1")
+    kinetic = (simulation.get("kinetic_temperature") or {}).get("mean")
     default_model = directory.parent / "network" / "x1"
-    default = read_json(default_model / "js_bootstrap.json") if (default_model / "js_bootstrap.json").exists() else {}
+    default = (read_json(sound_run(default_model)[0] / "js_bootstrap.json")
+               if (default_model / "js_bootstrap.json").exists() else {})
     return {"seed": seed, "n_frames": n_frames, "quantile": variant["quantile"],
             "force_threshold_kT2_per_nm2": variant["threshold"]["force_threshold_kT2_per_nm2"],
             "dropped_fraction": variant["dropped_fraction"],
             "teacher_js": read_json(directory / "flow" / "teacher.json")["teacher_vs_reference"]["js_divergence"],
             "js": read_json(network / "js_bootstrap.json"), "kinetic_temperature": kinetic,
-            "scoring_loss": read_json(network / "force_field.json")["scoring_loss"],
+            "time_step_fs": simulation["time_step_ps"] * 1000,
+            "scoring_loss": read_json(directory / "network" / "x1" / "force_field.json")["scoring_loss"],
             "default_threshold_same_budget": {"quantile": read_json(work_config(directory)).get("threshold_quantile"),
                                               "js": default}}
 
@@ -554,7 +598,8 @@ def summarize(records: list[dict]) -> list[dict]:
                      "all_sound": all(r["sound"] for r in group),
                      "converged": [r["ladder"]["converged_at_steps"] for r in group],
                      "js_doubling_converged": [all(p["converged"] for p in r["js_doubling"]) if r["js_doubling"]
-                                               else None for r in group]}
+                                               else None for r in group],
+                     "time_step_fs": [r["time_step_fs"] for r in group]}
         values = {"js_divergence": [r["metrics"].get("js_divergence") for r in group],
                   "js_replica_se": [r.get("js_se") for r in group],
                   "fes_mse": [r["metrics"].get("fes_mse") for r in group],
@@ -614,14 +659,15 @@ def markdown_table(results: dict) -> str:
         spread = f" ± {value['sd']:.{digits}g}" if value.get("sd") is not None else ""
         return f"{value['mean']:.{digits}g}{spread}"
 
-    lines = ["| N | method | seeds | φ/ψ JS (mean ± sd over seeds) | replica se of JS | FES MSE | T_kin (K) | "
+    lines = ["| N | method | seeds | φ/ψ JS (mean ± sd over seeds) | replica se of JS | FES MSE | step (fs) | T_kin (K) | "
              "scoring loss | loss converged at (steps) | JS doubling within error | FM cell |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---|---|---|"]
+             "|---:|---|---|---:|---:|---:|---|---:|---:|---|---|---|"]
     for row in results["summary"]:
         replica_se = row.get("js_replica_se")
         lines.append(f"| {row['n_frames']} | {row['method']} | {row['seeds']} | {cell(row, 'js_divergence')} | "
                      f"{'—' if not replica_se else format(replica_se['mean'], '.2g')} | "
-                     f"{cell(row, 'fes_mse')} | {cell(row, 'kinetic_temperature', 4)} | {cell(row, 'scoring_loss', 6)} | "
+                     f"{cell(row, 'fes_mse')} | {row['time_step_fs']} | {cell(row, 'kinetic_temperature', 4)} | "
+                     f"{cell(row, 'scoring_loss', 6)} | "
                      f"{row['converged']} | {row['js_doubling_converged']} | "
                      f"{', '.join(row.get('chosen_cells', [])) or '—'} |")
     lines += ["", "| N (flow-matching) | FlM JS | FM JS at N | frames FM needs | ratio | 95 % interval |",
