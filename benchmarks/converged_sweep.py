@@ -16,7 +16,9 @@ gets its best shot, every seed the same protocol:
    decay in ``weight_decay_grid``: the published schedule (3e-3 → 1e-5) over ``base_steps`` steps,
    validated every ``base_steps / validations_per_run`` steps on the selection half, stopped when
    that loss has not improved for ``patience_fraction`` of the budget; the weights with the lowest
-   selection loss are the model. The cell with the lowest selection loss wins.
+   selection loss are the model. The cell with the lowest selection loss wins; when its bound is
+   the grid's smallest (largest), bounds half (twice) as large are added until the winner is
+   inside the grid or ``lipschitz_limits`` is reached.
 3. **Flow-matching at its best** without any all-atom force: flow, outlier threshold (a quantile of
    the flow's own force scores at the N frames), ``teacher_samples`` teacher samples; the CG
    network with the package defaults, early-stopped on its own last 10 % of teacher samples.
@@ -105,6 +107,7 @@ class SweepConfig(BudgetConfig):
     validations_per_run: int = 40
     patience_fraction: float = 0.3
     lipschitz_grid: list = field(default_factory=lambda: [2.0, 4.0, 10.0])
+    lipschitz_limits: list = field(default_factory=lambda: [0.5, 40.0])  # how far an edge optimum extends the grid
     weight_decay_grid: list = field(default_factory=lambda: [0.0, 1e-3])
     max_doublings: int = 1
     flow_doubling: bool = False
@@ -222,16 +225,31 @@ def force_matching_unit(unit: Path, data: tuple, priors: Any, mapping: Any, conf
                         halves: tuple, log: StageLog, tag: str) -> dict:
     """The regularisation grid at the base budget, then the budget ladder of the winning cell."""
     selection, scoring = halves
-    grid = []
-    for lipschitz in config.lipschitz_grid:
+    grid: list[dict] = []
+
+    def add_cells(lipschitz: float) -> None:
         for weight_decay in config.weight_decay_grid:
             cell = unit / "grid" / cell_name(lipschitz, weight_decay)
             grid.append(log.run_stage(
                 f"{tag}: grid {cell.name}", cell / "x1" / "force_field.json",
-                lambda cell=cell, lipschitz=lipschitz, weight_decay=weight_decay: stage_train(
+                lambda cell=cell, weight_decay=weight_decay: stage_train(
                     cell / "x1", data, priors, mapping, config, seed, "force-matching", config.base_steps,
                     lipschitz, weight_decay, selection, scoring)))
+
+    for lipschitz in config.lipschitz_grid:
+        add_cells(float(lipschitz))
     best = min(grid, key=lambda record: record["selection_loss"])
+    # a best Lipschitz bound on the edge of the grid: extend it that way (×½ or ×2) until it is inside
+    while True:
+        bounds = sorted({record["lipschitz_bound"] for record in grid})
+        low, high = config.lipschitz_limits
+        if best["lipschitz_bound"] == bounds[0] and bounds[0] / 2 >= low:
+            add_cells(bounds[0] / 2)
+        elif best["lipschitz_bound"] == bounds[-1] and bounds[-1] * 2 <= high:
+            add_cells(bounds[-1] * 2)
+        else:
+            break
+        best = min(grid, key=lambda record: record["selection_loss"])
     chosen = unit / "grid" / cell_name(best["lipschitz_bound"], best["weight_decay"])
 
     def train(path: Path, steps: int) -> dict:

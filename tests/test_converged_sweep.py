@@ -19,6 +19,7 @@ TINY = [
     "weight_decay_grid=[0.0]", "max_doublings=1", "hidden_width=16", "n_layers=2", "flow_steps=4", "flow_batch=32",
     "flow_blocks=1", "flow_hidden=16", "teacher_samples=200", "replicas=2", "simulation_ps=0.4",
     "equilibration_ps=0.04", "report_interval=10", 'threshold_sensitivity=[0.9,"none"]', "sensitivity_sizes=[60]",
+    "lipschitz_limits=[2.0,10.0]",
 ]
 
 
@@ -106,6 +107,31 @@ def test_js_error_bar_resamples_whole_replicas(benchmark):
     assert spread["js"] == pytest.approx(pooled, rel=1e-12) and spread["se"] > 0 and spread["replicas"] == 6
     # identical replicas: every resample is the same histogram
     assert benchmark.js_replica_bootstrap(reference, [replicas[0]] * 5, 50, seed=0)["se"] == 0.0
+
+
+@pytest.mark.parametrize("optimum, expected_bounds, winner", [
+    (0.7, [0.5, 1.0, 2.0, 4.0, 10.0], 0.5),   # below the grid: halved twice, stops at the limit 0.5
+    (3.0, [2.0, 4.0, 10.0], 4.0),             # inside: no extension (4 is closest to 3 in log)
+    (15.0, [2.0, 4.0, 10.0, 20.0], 20.0),     # above: doubled once; 20 wins, 40 is the limit
+])
+def test_an_edge_optimum_extends_the_regularisation_grid(benchmark, tmp_path, monkeypatch, optimum,
+                                                         expected_bounds, winner):
+    from data_efficiency import StageLog
+
+    def fake_train(directory, data, priors, mapping, config, seed, method, steps, lipschitz, weight_decay, *rest):
+        directory.mkdir(parents=True, exist_ok=True)
+        np.save(directory / "losses.npy", np.full(50, 100.0))
+        loss = (math.log(lipschitz) - math.log(optimum)) ** 2 + weight_decay
+        return {"lipschitz_bound": lipschitz, "weight_decay": weight_decay, "selection_loss": loss,
+                "budget_steps": steps}
+
+    monkeypatch.setattr(benchmark, "stage_train", fake_train)
+    config = benchmark.SweepConfig(lipschitz_grid=[2.0, 4.0, 10.0], lipschitz_limits=[0.5, 20.0],
+                                   weight_decay_grid=[0.0, 0.1], base_steps=10, max_doublings=1, block_size=10)
+    outcome = benchmark.force_matching_unit(tmp_path, None, None, None, config, 0, (None, None), StageLog(), "t")
+    assert sorted({cell["lipschitz_bound"] for cell in outcome["grid"]}) == expected_bounds
+    assert outcome["chosen_cell"] == f"L{winner:g}_wd0"
+    assert outcome["ladder"]["converged_at_steps"] == 10  # identical losses at both budgets
 
 
 def records(values: dict) -> list[dict]:
