@@ -116,7 +116,7 @@ class SweepConfig(BudgetConfig):
     sensitivity_sizes: list = field(default_factory=lambda: [1000, 10000])
 
 
-MUTABLE = ("sizes", "seeds", "threads", "max_doublings", "threshold_sensitivity", "sensitivity_sizes")
+MUTABLE = ("sizes", "seeds", "threads", "max_doublings", "threshold_sensitivity", "sensitivity_sizes", "lipschitz_limits")
 
 
 # ------------------------------------------------------------------------------------- data
