@@ -49,7 +49,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -801,17 +801,25 @@ def write_results(work: Path, results_directory: Path, command: str, wall_second
 # ------------------------------------------------------------------------------------- command line
 
 
+def shown_command(script: str, argv: Sequence[str] | None, data_flags: Sequence[str] = ("--data",)) -> str:
+    """The command line for the results JSON, with DIR/WORK in place of this machine's paths."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    shown = [("DIR" if previous in data_flags else "WORK" if previous in ("--work", "--results", "--pdb") else item)
+             for previous, item in zip([None, *given], given)]
+    return f"python benchmarks/{script} " + " ".join(shown)
+
+
 def build_config(settings: Sequence[str]) -> BudgetConfig:
     return apply_settings(BudgetConfig(), settings)
 
 
-def check_work_config(work: Path, config: BudgetConfig) -> None:
-    """A work directory holds one protocol; only the settings in MUTABLE may change."""
+def check_work_config(work: Path, config: BudgetConfig, mutable: Sequence[str] = MUTABLE) -> None:
+    """A work directory holds one protocol; only the settings in ``mutable`` may change."""
     path = Path(work) / "config.json"
     if not path.exists():
         return
     old = read_json(path)
-    mismatched = [key for key, value in config.to_dict().items() if key not in MUTABLE and old.get(key) != value]
+    mismatched = [key for key, value in config.to_dict().items() if key not in mutable and old.get(key) != value]
     if mismatched:
         raise ProtocolError(f"{Path(work).name} was run with other settings ({', '.join(mismatched)}); "
                             "use another --work directory or the same settings")
@@ -829,26 +837,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    given = list(sys.argv[1:] if argv is None else argv)
-    shown = [("DIR" if previous == "--data" else "WORK" if previous in ("--work", "--results", "--pdb") else item)
-             for previous, item in zip([None, *given], given)]  # no machine paths in the results
-    command = "python benchmarks/budget_convergence.py " + " ".join(shown)
+    return run_command(arguments, shown_command("budget_convergence.py", argv), build_config, check_work_config,
+                       lambda config: run_benchmark(arguments.data, arguments.work, config, pdb=arguments.pdb),
+                       write_results, markdown_table)
+
+
+def run_command(arguments: argparse.Namespace, command: str, build: Callable, check: Callable, run: Callable,
+                write: Callable, table: Callable) -> int:
+    """The body of a benchmark's ``main``: settings, refusal of a changed protocol, run, results.
+
+    Returns the exit status: 0, or 2 after logging a ``ProtocolError`` (bad settings, no data).
+    """
     started = time.perf_counter()
     try:
-        config = build_config(arguments.set)
+        config = build(arguments.set)
         if not arguments.report_only:
             if arguments.data is None:
                 raise ProtocolError("--data DIR is required (a directory of runs with chunk_*.npz files)")
-            check_work_config(arguments.work, config)
-            run_benchmark(arguments.data, arguments.work, config, pdb=arguments.pdb)
+            check(arguments.work, config)
+            run(config)
         if not (Path(arguments.work) / "config.json").exists():
             raise ProtocolError(f"{arguments.work} holds no run yet; start one with --data DIR")
-        results = write_results(arguments.work, arguments.results, command, time.perf_counter() - started)
+        results = write(arguments.work, arguments.results, command, time.perf_counter() - started)
     except ProtocolError as error:
         logger.error("%s", error)
         return 2
     if arguments.markdown:
-        print(markdown_table(results))
+        print(table(results))
     return 0
 
 

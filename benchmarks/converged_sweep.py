@@ -63,6 +63,7 @@ from typing import Any, Sequence
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import budget_convergence  # noqa: E402
 from budget_convergence import (  # noqa: E402
     BudgetConfig,
     Validation,
@@ -769,14 +770,7 @@ def write_results(work: Path, results_directory: Path, command: str, wall_second
 
 def check_work_config(work: Path, config: SweepConfig) -> None:
     """A work directory holds one protocol; only the settings in MUTABLE may change."""
-    path = Path(work) / "config.json"
-    if not path.exists():
-        return
-    old = read_json(path)
-    mismatched = [key for key, value in config.to_dict().items() if key not in MUTABLE and old.get(key) != value]
-    if mismatched:
-        raise ProtocolError(f"{Path(work).name} was run with other settings ({', '.join(mismatched)}); "
-                            "use another --work directory or the same settings")
+    budget_convergence.check_work_config(work, config, MUTABLE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -793,28 +787,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    given = list(sys.argv[1:] if argv is None else argv)
-    shown = [("DIR" if previous in ("--data", "--reuse-flows") else "WORK"
-              if previous in ("--work", "--results", "--pdb") else item)
-             for previous, item in zip([None, *given], given)]  # no machine paths in the results
-    command = "python benchmarks/converged_sweep.py " + " ".join(shown)
-    started = time.perf_counter()
-    try:
-        config = apply_settings(SweepConfig(), arguments.set)
-        if not arguments.report_only:
-            if arguments.data is None:
-                raise ProtocolError("--data DIR is required (a directory of runs with chunk_*.npz files)")
-            check_work_config(arguments.work, config)
-            run_benchmark(arguments.data, arguments.work, config, pdb=arguments.pdb, reuse_flows=arguments.reuse_flows)
-        if not (Path(arguments.work) / "config.json").exists():
-            raise ProtocolError(f"{arguments.work} holds no run yet; start one with --data DIR")
-        results = write_results(arguments.work, arguments.results, command, time.perf_counter() - started)
-    except ProtocolError as error:
-        logger.error("%s", error)
-        return 2
-    if arguments.markdown:
-        print(markdown_table(results))
-    return 0
+    command = budget_convergence.shown_command("converged_sweep.py", argv, ("--data", "--reuse-flows"))
+    return budget_convergence.run_command(
+        arguments, command, lambda settings: apply_settings(SweepConfig(), settings), check_work_config,
+        lambda config: run_benchmark(arguments.data, arguments.work, config, pdb=arguments.pdb,
+                                     reuse_flows=arguments.reuse_flows),
+        write_results, markdown_table)
 
 
 if __name__ == "__main__":

@@ -53,3 +53,12 @@ def write_alanine_like_runs(root: Path, frames_per_chunk: int = 150) -> Path:
             positions, forces = alanine_like_run(frames_per_chunk, seed=10 * run_index + chunk)
             np.savez(directory / f"chunk_{chunk:04d}.npz", x=positions, f=forces)
     return root
+
+
+def run_tiny(benchmark: ModuleType, data_directory: Path, tmp_path_factory, settings: list[str]) -> tuple:
+    """Run a benchmark script's ``main`` on ``data_directory`` into fresh work/results folders."""
+    work = tmp_path_factory.mktemp("work")
+    results = tmp_path_factory.mktemp("results")
+    argv = ["--data", str(data_directory), "--work", str(work), "--results", str(results), "--set", *settings]
+    assert benchmark.main(argv) == 0
+    return work, results, argv

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmark_helpers import load_benchmark, write_alanine_like_runs
+from benchmark_helpers import load_benchmark, run_tiny, write_alanine_like_runs
 
 
 TINY = [
@@ -38,11 +38,7 @@ def data_directory(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def finished_run(benchmark, data_directory, tmp_path_factory):
-    work = tmp_path_factory.mktemp("work")
-    results = tmp_path_factory.mktemp("results")
-    argv = ["--data", str(data_directory), "--work", str(work), "--results", str(results), "--set", *TINY]
-    assert benchmark.main(argv) == 0
-    return work, results, argv
+    return run_tiny(benchmark, data_directory, tmp_path_factory, TINY)
 
 
 def test_validation_frames_are_disjoint_in_time_from_training_frames(benchmark, data_directory):

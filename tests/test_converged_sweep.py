@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmark_helpers import load_benchmark, write_alanine_like_runs
+from benchmark_helpers import load_benchmark, run_tiny, write_alanine_like_runs
 
 from openmm_flowmatch.data.dataset import evenly_spaced_indices
 
@@ -35,11 +35,7 @@ def data_directory(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def finished_run(benchmark, data_directory, tmp_path_factory):
-    work = tmp_path_factory.mktemp("work")
-    results = tmp_path_factory.mktemp("results")
-    argv = ["--data", str(data_directory), "--work", str(work), "--results", str(results), "--set", *TINY]
-    assert benchmark.main(argv) == 0
-    return work, results, argv
+    return run_tiny(benchmark, data_directory, tmp_path_factory, TINY)
 
 
 @pytest.mark.parametrize("total, n_frames", [(1000, 10), (192000, 100000), (50, 49), (30, 60)])
