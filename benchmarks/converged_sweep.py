@@ -115,9 +115,12 @@ class SweepConfig(BudgetConfig):
     # outlier-threshold sensitivity of flow-matching (seed 0 only): other quantiles, "none" = keep every sample
     threshold_sensitivity: list = field(default_factory=lambda: [0.99, "none"])
     sensitivity_sizes: list = field(default_factory=lambda: [1000, 10000])
+    # seeds whose every force-matching grid cell is simulated (does the force-loss choice cost φ/ψ?)
+    simulate_grid_seeds: list = field(default_factory=lambda: [0])
 
 
-MUTABLE = ("sizes", "seeds", "threads", "max_doublings", "threshold_sensitivity", "sensitivity_sizes", "lipschitz_limits")
+MUTABLE = ("sizes", "seeds", "threads", "max_doublings", "threshold_sensitivity", "sensitivity_sizes", "lipschitz_limits",
+           "simulate_grid_seeds")
 
 
 # ------------------------------------------------------------------------------------- data
@@ -475,6 +478,11 @@ def run_unit(work: Path, split: Any, mapping: Any, config: SweepConfig, seed: in
         for rung in outcome["ladder"]["rungs"]:  # every budget (the chosen one among them), for the JS doubling check
             simulate_model(ladder_directory / rung["directory"], starts, mapping, config, seed, reference, teacher,
                            log, f"{tag}, {method}, {rung['budget_steps']} steps")
+        if method == "force-matching" and seed in config.simulate_grid_seeds:
+            for cell in outcome["grid"]:
+                name = cell_name(cell["lipschitz_bound"], cell["weight_decay"])
+                simulate_model(unit / method / "grid" / name / "x1", starts, mapping, config, seed, reference, None,
+                               log, f"{tag}, FM grid {name}")
         if method == "flow-matching" and seed == 0 and n_frames in config.sensitivity_sizes:
             for quantile in config.threshold_sensitivity:
                 threshold_variant(unit / method, positions, forces, priors, mapping, config, seed, quantile, reference,
@@ -571,6 +579,7 @@ def collect_results(work: Path) -> dict:
             "sound": is_sound(simulation),
             "metrics": metrics.get("vs_reference", {}), "vs_own_teacher": metrics.get("vs_own_teacher"),
             "js_se": spread.get("se"), "js_doubling": js_convergence(model.parent, outcome["ladder"]),
+            "grid_simulated": grid_simulations(method_directory, outcome),
             "kinetic_temperature_per_budget": rung_temperatures,
         })
     records.sort(key=lambda r: (r["n_frames"], r["method"], r["seed"]))
@@ -582,6 +591,21 @@ def collect_results(work: Path) -> dict:
             "data": split, "floor": split.get("floor"), "results": records, "summary": summarize(records),
             "threshold_sensitivity": sensitivity,
             "ratios": ratio_intervals(records, "js_divergence")}
+
+
+def grid_simulations(method_directory: Path, outcome: dict) -> list[dict]:
+    """Every simulated force-matching grid cell (1× budget): its selection loss beside its φ/ψ JS."""
+    rows = []
+    for cell in outcome.get("grid", []):
+        directory = method_directory / "grid" / cell_name(cell["lipschitz_bound"], cell["weight_decay"]) / "x1"
+        if not (directory / "js_bootstrap.json").exists():
+            continue
+        run, simulation = sound_run(directory)
+        rows.append({"cell": directory.parent.name, "selection_loss": cell["selection_loss"],
+                     "scoring_loss": cell["scoring_loss"], "js": read_json(run / "js_bootstrap.json"),
+                     "time_step_fs": simulation["time_step_ps"] * 1000, "sound": is_sound(simulation),
+                     "kinetic_temperature": (simulation.get("kinetic_temperature") or {}).get("mean")})
+    return rows
 
 
 def threshold_row(directory: Path, records: list[dict]) -> dict:
@@ -696,6 +720,15 @@ def markdown_table(results: dict) -> str:
         at_n = row.get("force_matching_at_n")
         lines.append(f"| {row['n_frames']} | {row['flow_matching']:.3g} | {'—' if at_n is None else f'{at_n:.3g}'} | "
                      f"{row.get('frames_needed', '—')} | {ratio} | {row['interval_95']} |")
+    grids = [r for r in results["results"] if r.get("grid_simulated")]
+    if grids:
+        lines += ["", "| seed | N | FM cell (1× budget) | selection loss | φ/ψ JS ± replica se | step (fs) | T_kin (K) | "
+                      "chosen |", "|---:|---:|---|---:|---:|---|---:|---|"]
+        for record in grids:
+            for row in record["grid_simulated"]:
+                lines.append(f"| {record['seed']} | {record['n_frames']} | {row['cell']} | {row['selection_loss']:.6g} | "
+                             f"{row['js']['js']:.3g} ± {row['js']['se']:.2g} | {row['time_step_fs']:g} | "
+                             f"{row['kinetic_temperature']:.4g} | {'yes' if row['cell'] == record['chosen_cell'] else ''} |")
     if results.get("threshold_sensitivity"):
         lines += ["", "| seed | N | outlier threshold (quantile) | (kT/nm)² | teacher draws dropped | teacher JS | "
                       "CG JS ± replica se | same budget, default quantile | T_kin (K) |",

@@ -19,7 +19,7 @@ TINY = [
     "weight_decay_grid=[0.0]", "max_doublings=1", "hidden_width=16", "n_layers=2", "flow_steps=4", "flow_batch=32",
     "flow_blocks=1", "flow_hidden=16", "teacher_samples=200", "replicas=2", "simulation_ps=0.4",
     "equilibration_ps=0.04", "report_interval=10", 'threshold_sensitivity=[0.9,"none"]', "sensitivity_sizes=[60]",
-    "lipschitz_limits=[2.0,10.0]",
+    "lipschitz_limits=[2.0,10.0]", "simulate_grid_seeds=[1]",
 ]
 
 
@@ -178,6 +178,9 @@ def test_tiny_sweep_end_to_end(benchmark, finished_run):
                       for cell in record["grid"]}
             assert set(losses) == {"L2_wd0", "L10_wd0"} and record["chosen_cell"] == min(losses, key=losses.get)
             assert all(cell["early_stopping_on"] == "selection half" for cell in record["grid"])
+            simulated = {row["cell"] for row in record["grid_simulated"]}
+            # seed 1: every cell; seed 0: only the chosen one (its 1× run is the ladder's first rung)
+            assert simulated == (set(losses) if record["seed"] == 1 else {record["chosen_cell"]})
         else:
             assert record["teacher_vs_reference"]["js_divergence"] >= 0
             assert record["ladder"]["rungs"][0]["early_stopping_on"].startswith("its own last")
@@ -200,13 +203,17 @@ def test_rerun_is_cached_and_changed_settings_are_refused(benchmark, finished_ru
     work, _, argv = finished_run
     artifacts = {path: path.stat().st_mtime_ns for path in work.rglob("model.pt")}
     log = benchmark.run_benchmark(data_directory, work, benchmark.apply_settings(benchmark.SweepConfig(), TINY))
-    # split + 2 seeds × [priors + FM (2 cells, the ladder's 1× = the winning cell, 2×)
-    # + FlM (flow, threshold, teacher, its metrics, 2 rungs) + 2 methods × 2 rungs × 3 simulation stages]
-    # + seed 0's two threshold variants (threshold for the quantile one, teacher, network, 3 simulation stages)
-    # + 3 stages for every model that ran unsound and was simulated again at half the step
+    # every stage came from its marker file, and every marker file in the work directory was read
+    assert {event["status"] for event in log.events} == {"cached"}
+    stage_files = {path for path in work.rglob("*.json")  # less run_simulation's own simulation/simulation.json
+                   if path.name not in ("config.json", "outcome.json", "variant.json")
+                   and path.parent.name != "simulation"}
+    assert {Path(event["marker"]) for event in log.events} == stage_files
+    # split + 2 seeds × [priors + FM (2 cells, the ladder's 2×) + FlM (flow, threshold, teacher, its metrics,
+    # 2 rungs) + 2 methods × 2 rungs × 3 simulation stages] + seed 0's threshold variants (6 + 5 stages)
+    # + seed 1's other FM grid cell (3) + 3 per model simulated again at half the step
     half_steps = len(list(work.rglob("half_step/simulation.json")))
-    assert [event["status"] for event in log.events] == ["cached"] * (1 + 2 * (1 + 4 + 6 + 2 * 2 * 3) + 6 + 5
-                                                                      + 3 * half_steps)
+    assert len(stage_files) == 1 + 2 * (1 + 3 + 6 + 2 * 2 * 3) + 6 + 5 + 3 + 3 * half_steps
     assert {path: path.stat().st_mtime_ns for path in artifacts} == artifacts
     assert benchmark.main([*argv, "base_steps=7"]) == 2
     benchmark.check_work_config(work, benchmark.apply_settings(benchmark.SweepConfig(), [*TINY, "seeds=[0,1,2]"]))
