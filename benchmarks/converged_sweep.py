@@ -719,7 +719,8 @@ def markdown_table(results: dict) -> str:
         ratio = row["ratio"] if isinstance(row["ratio"], str) else f"{row['ratio']:.3g}"
         at_n = row.get("force_matching_at_n")
         lines.append(f"| {row['n_frames']} | {row['flow_matching']:.3g} | {'—' if at_n is None else f'{at_n:.3g}'} | "
-                     f"{row.get('frames_needed', '—')} | {ratio} | {row['interval_95']} |")
+                     f"{row.get('frames_needed', '—')} | {ratio} | "
+                     f"{' – '.join(v if isinstance(v, str) else format(v, '.3g') for v in row['interval_95'])} |")
     grids = [r for r in results["results"] if r.get("grid_simulated")]
     if grids:
         lines += ["", "| seed | N | FM cell (1× budget) | selection loss | φ/ψ JS ± replica se | step (fs) | T_kin (K) | "
@@ -775,7 +776,7 @@ def plot_results(results: dict, path: Path) -> Path | None:
     step = (results.get("config") or {}).get("time_step_ps", 0) * 1000
     bottom.set(xscale="log", xlabel="training frames N", ylabel=f"kinetic T (K) at {step:g} fs")
     top.legend(fontsize=8)
-    top.set_title("both methods at their best, converged budgets (bars: min–max over seeds)", fontsize=9)
+    top.set_title("both methods at their best, each at its ladder's model (bars: min–max over seeds)", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -67,10 +67,11 @@ SMALL_NATIVE_SYSTEM_BEADS = 50
 """Beads (all replicas together) up to which :func:`simulate_force_field` runs a native-kernel
 system on the Reference platform when no platform is named and CPU would be chosen: OpenMM's CPU
 platform costs tens of µs per step in thread hand-offs, more than a small network. Measured with
-benchmarks/bench_cg_md.py (alanine dipeptide, 5 beads per replica, 1 thread, shared 2-core CPU):
-Reference/CPU steps/s 4.8× at 5 beads, 1.4× at 50, 1.35× at 150, 1.4× at 500, all on one
-thread. The CPU platform spreads replicas over its threads (not measured here with more than one),
-so only systems this small, where one thread is the whole job, leave it."""
+benchmarks/bench_cg_md.py (alanine dipeptide, 5 beads per replica, quiet 2-core CPU;
+benchmarks/results/cg_md_speed.json, cg_md_speed_2threads.json): Reference / CPU steps/s 21× at
+5 beads, 2.9× at 50, 2.2× at 500 against the CPU platform on one thread; 2.3× at 50 and 1.05×
+at 500 against it on two threads. With more cores the CPU platform spreads replicas over more
+threads, so only systems this small leave it."""
 """Platforms tried in order when none is named."""
 
 RUN_INFO_FILE = "simulation.json"
