@@ -583,7 +583,7 @@ def collect_results(work: Path) -> dict:
             "kinetic_temperature_per_budget": rung_temperatures,
         })
     records.sort(key=lambda r: (r["n_frames"], r["method"], r["seed"]))
-    sensitivity = [threshold_row(path, records) for path in sorted(work.glob("seed*/n*/flow-matching/threshold_*"))
+    sensitivity = [threshold_row(path) for path in sorted(work.glob("seed*/n*/flow-matching/threshold_*"))
                    if (path / "variant.json").exists() and (path / "network" / "x1" / "js_bootstrap.json").exists()]
     split = read_json(work / "split.json") if (work / "split.json").exists() else {}
     config = read_json(work / "config.json") if (work / "config.json").exists() else {}
@@ -608,7 +608,7 @@ def grid_simulations(method_directory: Path, outcome: dict) -> list[dict]:
     return rows
 
 
-def threshold_row(directory: Path, records: list[dict]) -> dict:
+def threshold_row(directory: Path) -> dict:
     """One threshold variant beside the default-threshold model of its (seed, N) at the same budget."""
     seed, n_frames = int(directory.parents[2].name[4:]), int(directory.parents[1].name[1:])
     variant, (network, simulation) = read_json(directory / "variant.json"), sound_run(directory / "network" / "x1")
@@ -788,7 +788,7 @@ def write_results(work: Path, results_directory: Path, command: str, wall_second
     results.update(environment())
     results["command"] = command
     stage_seconds = [read_json(p).get("wall_seconds") for p in Path(work).rglob("*.json")
-                     if p.name not in ("config.json", "outcome.json", "done.json")]
+                     if p.name not in ("config.json", "outcome.json", "variant.json")]
     results["wall_seconds_all_stages"] = float(sum(v for v in stage_seconds if isinstance(v, (int, float))))
     if wall_seconds is not None:
         results["wall_seconds_this_invocation"] = wall_seconds

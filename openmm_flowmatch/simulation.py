@@ -63,6 +63,8 @@ __all__ = [
 ]
 
 PLATFORM_PREFERENCE = ("CUDA", "CPU", "Reference")
+"""Platforms tried in order when none is named."""
+
 SMALL_NATIVE_SYSTEM_BEADS = 50
 """Beads (all replicas together) up to which :func:`simulate_force_field` runs a native-kernel
 system on the Reference platform when no platform is named and CPU would be chosen: OpenMM's CPU
@@ -72,7 +74,6 @@ benchmarks/results/cg_md_speed.json, cg_md_speed_2threads.json): Reference / CPU
 5 beads, 2.9× at 50, 2.2× at 500 against the CPU platform on one thread; 2.3× at 50 and 1.05×
 at 500 against it on two threads. With more cores the CPU platform spreads replicas over more
 threads, so only systems this small leave it."""
-"""Platforms tried in order when none is named."""
 
 RUN_INFO_FILE = "simulation.json"
 
