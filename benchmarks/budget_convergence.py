@@ -174,13 +174,7 @@ def select_validation(split: Any, config: BudgetConfig) -> Validation:
         raise ProtocolError(f"the held-out blocks hold {n_reference} frames; the validation set needs at least 2")
     local = evenly_spaced_indices(n_reference, n)
     global_indices = split.reference_indices[local]
-    per_run = []
-    for start, stop in run_bounds(split):
-        inside = global_indices[(global_indices >= start) & (global_indices < stop)] - start
-        if inside.size:
-            per_run.append({"frames": int(inside.size),
-                            "time_ns": [float(inside[0] * config.frame_interval_ps / 1000),
-                                        float(inside[-1] * config.frame_interval_ps / 1000)]})
+    per_run = time_ranges(split, global_indices, config)
     spacing = n_reference / n
     description = {
         "frames": int(n),
@@ -200,7 +194,11 @@ def training_indices(split: Any, n_frames: int) -> np.ndarray:
 
 
 def training_time_ranges(split: Any, n_frames: int, config: BudgetConfig) -> list[dict]:
-    global_indices = split.pool_indices[training_indices(split, n_frames)]
+    return time_ranges(split, split.pool_indices[training_indices(split, n_frames)], config)
+
+
+def time_ranges(split: Any, global_indices: np.ndarray, config: BudgetConfig) -> list[dict]:
+    """Per run holding any of ``global_indices``: how many, and the time of the first and last (ns)."""
     ranges = []
     for start, stop in run_bounds(split):
         inside = global_indices[(global_indices >= start) & (global_indices < stop)] - start
@@ -347,21 +345,27 @@ def stage_simulation(directory: Path, starts: np.ndarray, mapping: Any, config: 
     return record
 
 
-def stage_metrics(directory: Path, reference: np.ndarray, teacher: np.ndarray | None, mapping: Any,
-                  config: BudgetConfig, simulation: dict) -> dict:
+def production_replicas(directory: Path, mapping: Any, config: BudgetConfig) -> list[np.ndarray]:
+    """Every replica of ``directory/simulation`` after ``equilibration_ps``, cut to the shortest."""
     paths = sorted((directory / "simulation").glob("replica_*.dcd"))
-    replicas = trajectory_positions(paths, mapping.cg_topology())
     frame_ps = config.report_interval * config.time_step_ps
     protocol = dataclasses.replace(config.protocol(), equilibration_ps=config.equilibration_ps)
-    production, length = production_parts(replicas, protocol, frame_ps)
+    production, length = production_parts(trajectory_positions(paths, mapping.cg_topology()), protocol, frame_ps)
+    return [replica[:length] for replica in production]
+
+
+def stage_metrics(directory: Path, reference: np.ndarray, teacher: np.ndarray | None, mapping: Any,
+                  config: BudgetConfig, simulation: dict) -> dict:
+    production = production_replicas(directory, mapping, config)
+    length = len(production[0]) if production else 0
     record: dict = {"simulation_status": simulation.get("status"), "production_frames_per_replica": int(length)}
     if length < 1:
         return record
-    pooled = np.concatenate([r[:length] for r in production])
+    pooled = np.concatenate(production)
     record["vs_reference"] = phi_psi_metrics(reference, pooled, config.temperature)
     if teacher is not None:
         record["vs_own_teacher"] = phi_psi_metrics(teacher, pooled, config.temperature)
-    record["aggregate_ns"] = len(production) * length * frame_ps / 1000.0
+    record["aggregate_ns"] = len(production) * length * config.report_interval * config.time_step_ps / 1000.0
     return record
 
 

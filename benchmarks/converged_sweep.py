@@ -67,6 +67,7 @@ import budget_convergence  # noqa: E402
 from budget_convergence import (  # noqa: E402
     BudgetConfig,
     Validation,
+    production_replicas,
     select_validation,
     stage_metrics,
     stage_simulation,
@@ -384,17 +385,6 @@ def sound_run(directory: Path) -> tuple[Path, dict]:
     return directory, simulation
 
 
-def production_replicas(directory: Path, mapping: Any, config: SweepConfig) -> list[np.ndarray]:
-    """Every replica's positions after ``equilibration_ps``, cut to the shortest."""
-    from data_efficiency import production_parts, trajectory_positions
-
-    paths = sorted((directory / "simulation").glob("replica_*.dcd"))
-    frame_ps = config.report_interval * config.time_step_ps
-    protocol = dataclasses.replace(config.protocol(), equilibration_ps=config.equilibration_ps)
-    production, length = production_parts(trajectory_positions(paths, mapping.cg_topology()), protocol, frame_ps)
-    return [replica[:length] for replica in production]
-
-
 def js_replica_bootstrap(reference: np.ndarray, replicas: Sequence[np.ndarray], n_bootstrap: int, seed: int,
                          bins: int = 60) -> dict:
     """φ/ψ JS vs ``reference`` of all replicas, and its standard error from resampling whole replicas.
@@ -564,10 +554,11 @@ def collect_results(work: Path) -> dict:
         for rung in outcome["ladder"]["rungs"]:
             path = model.parent / rung["directory"]
             if (path / "simulation.json").exists():
+                runs = [read_json(p / "simulation.json") for p in (path, path / HALF_STEP)
+                        if (p / "simulation.json").exists()]
                 rung_temperatures[rung["budget_steps"]] = {
-                    f"{read_json(p / 'simulation.json')['time_step_ps'] * 1000:g} fs":
-                    (read_json(p / "simulation.json").get("kinetic_temperature") or {}).get("mean")
-                    for p in (path, path / HALF_STEP) if (p / "simulation.json").exists()}
+                    f"{run['time_step_ps'] * 1000:g} fs": (run.get("kinetic_temperature") or {}).get("mean")
+                    for run in runs}
         records.append({
             "seed": int(method_directory.parents[1].name[4:]), "n_frames": int(method_directory.parent.name[1:]),
             "method": method_directory.name, **{k: v for k, v in outcome.items() if k != "teacher_positions"},
