@@ -18,7 +18,8 @@ measures it end to end through OpenMM:
    - φ/ψ metrics (DESIGN.md: FES MSE (kcal/mol)², JS, KL(ref‖model)) vs the held-out reference,
      also as a function of the simulated time, and for the flow's own teacher samples.
 
-3. ``benchmarks/results/data_efficiency.json`` and ``data_efficiency.png`` (``--results``).
+3. ``benchmarks/results/data_efficiency_first_protocol.json`` and ``.png`` (``--results``; the headline
+   ``data_efficiency.json`` is written by ``converged_sweep.py``).
 
 Every stage writes its output under ``--work`` atomically; a re-run skips finished stages, and
 interrupted training/simulation continues from its checkpoint. Several workers may run at once
@@ -1051,9 +1052,9 @@ def write_results(work: Path, results_directory: Path, command: str, compare: Se
     results.update(environment())
     results["command"] = command
     results["written"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    atomic_write_json(results_directory / "data_efficiency.json", results)
+    atomic_write_json(results_directory / "data_efficiency_first_protocol.json", results)
     if results["results"]:
-        plot_results(results, results_directory / "data_efficiency.png")
+        plot_results(results, results_directory / "data_efficiency_first_protocol.png")
     return results
 
 

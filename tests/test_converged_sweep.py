@@ -19,7 +19,7 @@ TINY = [
     "weight_decay_grid=[0.0]", "max_doublings=1", "hidden_width=16", "n_layers=2", "flow_steps=4", "flow_batch=32",
     "flow_blocks=1", "flow_hidden=16", "teacher_samples=200", "replicas=2", "simulation_ps=0.4",
     "equilibration_ps=0.04", "report_interval=10", 'threshold_sensitivity=[0.9,"none"]', "sensitivity_sizes=[60]",
-    "lipschitz_limits=[2.0,10.0]", "simulate_grid_seeds=[1]",
+    "lipschitz_limits=[2.0,10.0]", "simulate_grid_seeds=[1]", "extra_doubling_seeds=[]",
 ]
 
 
@@ -75,7 +75,8 @@ def test_the_ladder_stops_at_the_first_converged_doubling(benchmark, tmp_path):
     rng = np.random.default_rng(0)
     noise = 1000 + 50 * rng.standard_normal(400)
     losses = {10: noise + 30.0, 20: noise + 0.01 * rng.standard_normal(400), 40: noise}
-    config = benchmark.SweepConfig(base_steps=10, max_doublings=2, block_size=20, n_bootstrap=300)
+    config = benchmark.SweepConfig(base_steps=10, max_doublings=2, extra_doubling_seeds=[], block_size=20,
+                                   n_bootstrap=300)
     calls: list = []
     ladder = benchmark.doubling_ladder(tmp_path, fake_trainer(tmp_path, losses, calls), config, 0, StageLog(), "t")
     # 10 → 20 moves the loss by −30 with a paired error ≪ 30: not converged; 20 → 40 by ~0: converged
@@ -85,10 +86,19 @@ def test_the_ladder_stops_at_the_first_converged_doubling(benchmark, tmp_path):
     assert second["converged"] and ladder["converged_at_steps"] == 20 and ladder["model"] == "x2"
     # capped: one doubling only, not converged → the largest budget's model
     capped = benchmark.doubling_ladder(tmp_path / "capped", fake_trainer(tmp_path, losses, []),
-                                       benchmark.SweepConfig(base_steps=10, max_doublings=1, block_size=20), 0,
-                                       StageLog(), "t")
+                                       benchmark.SweepConfig(base_steps=10, max_doublings=1, extra_doubling_seeds=[],
+                                                             block_size=20), 0, StageLog(), "t")
     assert capped["converged_at_steps"] is None and capped["model"] == "x2"
     assert capped["verdict"] == "not converged up to 20 steps"
+    # extra_doubling_seeds: those seeds (only) go one doubling further, here to the converged 20 → 40
+    deeper = benchmark.SweepConfig(base_steps=10, max_doublings=1, extra_doubling_seeds=[3], block_size=20)
+    extra_calls: list = []
+    extended = benchmark.doubling_ladder(tmp_path / "extended", fake_trainer(tmp_path, losses, extra_calls), deeper, 3,
+                                         StageLog(), "t")
+    assert extra_calls == [10, 20, 40] and extended["converged_at_steps"] == 20
+    other_calls: list = []
+    benchmark.doubling_ladder(tmp_path / "other", fake_trainer(tmp_path, losses, other_calls), deeper, 0, StageLog(), "t")
+    assert other_calls == [10, 20]
 
 
 def test_js_error_bar_resamples_whole_replicas(benchmark):
@@ -155,8 +165,8 @@ def test_ratio_interval_from_resampled_seeds(benchmark):
 
 def test_tiny_sweep_end_to_end(benchmark, finished_run):
     work, results, _ = finished_run
-    payload = json.loads((results / "converged_sweep.json").read_text())
-    assert (results / "converged_sweep.png").stat().st_size > 0
+    payload = json.loads((results / "data_efficiency.json").read_text())
+    assert (results / "data_efficiency.png").stat().st_size > 0
     assert {(r["seed"], r["method"]) for r in payload["results"]} == {
         (seed, method) for seed in (0, 1) for method in ("force-matching", "flow-matching")}
     for record in payload["results"]:

@@ -57,8 +57,8 @@ def test_held_out_block_is_final_fifth_and_disjoint_from_training(benchmark, dat
 
 def test_results_json_schema(finished_run):
     work, results, _ = finished_run
-    payload = json.loads((results / "data_efficiency.json").read_text())
-    assert (results / "data_efficiency.png").stat().st_size > 0
+    payload = json.loads((results / "data_efficiency_first_protocol.json").read_text())
+    assert (results / "data_efficiency_first_protocol.png").stat().st_size > 0
     assert payload["status"] == "complete" and payload["units_complete"] == payload["units_expected"] == 2
     assert payload["data"]["reference_frames"] == 120 and payload["data"]["pool_frames"] == 480
     for key in ("protocol", "versions", "machine", "summary", "data_efficiency_ratio", "command"):
@@ -135,7 +135,7 @@ def test_longer_simulation_extends_finished_units(benchmark, data_directory, fin
     assert len(before) == 20 and len(after) == 40  # report interval 10 steps
     np.testing.assert_array_equal(after[:20], before)  # continued, not started again
     assert {path: path.stat().st_mtime_ns for path in work.rglob("model.json")} == trained
-    payload = json.loads((results / "data_efficiency.json").read_text())
+    payload = json.loads((results / "data_efficiency_first_protocol.json").read_text())
     assert payload["status"] == "complete" and payload["protocol"]["simulation_steps"] == 400
     for record in payload["results"]:
         assert record["simulation"]["steps"] == 400 and record["simulation"]["extended_from_steps"] == 200
@@ -148,5 +148,5 @@ def test_longer_simulation_extends_finished_units(benchmark, data_directory, fin
     shorter_work = finished_run[0]
     assert benchmark.main(["--work", str(work), "--results", str(results), "--report-only",
                            "--compare", str(shorter_work)]) == 0
-    (other,) = json.loads((results / "data_efficiency.json").read_text())["comparisons"]
+    (other,) = json.loads((results / "data_efficiency_first_protocol.json").read_text())["comparisons"]
     assert other["settings_differing"] == {"simulation_steps": 200} and other["units_complete"] == 2

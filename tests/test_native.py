@@ -337,18 +337,21 @@ def _opencl_missing() -> str:
 
 
 needs_opencl = pytest.mark.skipif(bool(_opencl_missing()), reason=_opencl_missing() or "OpenCL present")
-SINGLE_RTOL = 1e-5  # OpenCL's default single precision (float positions, network and features)
+GPU_PLATFORMS = [pytest.param("OpenCL", marks=needs_opencl), pytest.param("CUDA", marks=pytest.mark.gpu)]
+"""The common-compute kernel on OpenCL (pocl runs it on this CPU, in CI too) and CUDA (`gpu` tests)."""
+SINGLE_RTOL = 1e-5  # single precision (float positions, network and features)
 
 
-def _opencl_context(system, precision: str) -> openmm.Context:
+def _gpu_context(system, platform: str, precision: str, integrator=None) -> openmm.Context:
     from openmm_flowmatch.native import gpu_unavailable_reasons, native_platforms
 
-    if "OpenCL" not in native_platforms():
-        pytest.fail(f"OpenMM has an OpenCL platform but the native OpenCL kernel is missing: {gpu_unavailable_reasons()}")
+    if platform not in native_platforms():
+        pytest.fail(f"OpenMM has a {platform} platform but the native {platform} kernel is missing: "
+                    f"{gpu_unavailable_reasons()}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("OpenCL"),
-                              {"Precision": precision})
+        return openmm.Context(system, integrator or openmm.VerletIntegrator(0.001),
+                              openmm.Platform.getPlatformByName(platform), {"Precision": precision})
 
 
 def _overlapping_copies(configurations: np.ndarray, replicas: int, offset: int) -> np.ndarray:
@@ -356,10 +359,10 @@ def _overlapping_copies(configurations: np.ndarray, replicas: int, offset: int) 
     return np.concatenate([configurations[(offset + r) % len(configurations)] for r in range(replicas)])
 
 
-@needs_opencl
+@pytest.mark.parametrize("platform", GPU_PLATFORMS)
 @pytest.mark.parametrize("replicas", [1, 3, 40])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_opencl_kernel_equals_torchscript(artifacts, configurations, name, replicas):
+def test_gpu_kernel_equals_torchscript(artifacts, configurations, name, replicas, platform):
     """Single precision: energy within 1e-5 of the energy scale, forces within 1e-5·max|F|; double: 1e-9.
 
     The energy scale is max(Σ_r |E_r|, 1 kJ/mol) over the copies' energies E_r: the total of R copies
@@ -367,7 +370,7 @@ def test_opencl_kernel_equals_torchscript(artifacts, configurations, name, repli
     """
     force_field = FlowMatchForceField.load(artifacts[name])
     system = _network_system(native_network_force(force_field, replicas), 5 * replicas)
-    contexts = {precision: _opencl_context(system, precision) for precision in ("single", "double")}
+    contexts = {precision: _gpu_context(system, platform, precision) for precision in ("single", "double")}
     for offset in (0, 7):
         positions = _overlapping_copies(configurations, replicas, offset)
         expected_energy, expected_forces = _torch_reference(force_field, positions)
@@ -378,9 +381,9 @@ def test_opencl_kernel_equals_torchscript(artifacts, configurations, name, repli
             assert np.abs(forces - expected_forces).max() <= tolerance * np.abs(expected_forces).max(), precision
 
 
-@needs_opencl
-def test_opencl_dynamics_with_priors_after_xml_round_trip(artifacts, mapping, configurations):
-    """A serialized native System (priors + CGNetForce) runs Langevin dynamics on OpenCL; afterwards
+@pytest.mark.parametrize("platform", GPU_PLATFORMS)
+def test_gpu_dynamics_with_priors_after_xml_round_trip(artifacts, mapping, configurations, platform):
+    """A serialized native System (priors + CGNetForce) runs Langevin dynamics on the GPU platform; afterwards
     (atoms possibly reordered by OpenMM) its energy and forces equal the TorchForce System's on CPU."""
     from openmm_flowmatch.topology import replicate_topology
 
@@ -390,9 +393,7 @@ def test_opencl_dynamics_with_priors_after_xml_round_trip(artifacts, mapping, co
     system = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(
         force_field.create_system(topology, backend="native")))
     integrator = openmm.LangevinMiddleIntegrator(TEMPERATURE, 1.0, 0.002)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("OpenCL"), {"Precision": "single"})
+    context = _gpu_context(system, platform, "single", integrator)
     context.setPositions(_overlapping_copies(configurations, replicas, 0))
     context.setVelocitiesToTemperature(TEMPERATURE, 1)
     integrator.step(600)
@@ -405,11 +406,80 @@ def test_opencl_dynamics_with_priors_after_xml_round_trip(artifacts, mapping, co
     assert np.abs(forces - expected_forces).max() <= SINGLE_RTOL * np.abs(expected_forces).max()
 
 
-@needs_opencl
-def test_auto_backend_uses_the_opencl_kernel(artifacts, mapping):
+@pytest.mark.parametrize("platform", GPU_PLATFORMS)
+def test_auto_backend_uses_the_gpu_kernel(artifacts, mapping, platform):
     from openmm_flowmatch.topology import replicate_topology
 
     force_field = FlowMatchForceField.load(artifacts["tiny-tanh"])
-    assert force_field.auto_backend("OpenCL")[0] == "native"
-    system = force_field.create_system(replicate_topology(mapping.cg_topology(), 2), platform_hint="OpenCL")
+    assert force_field.auto_backend(platform)[0] == "native"
+    system = force_field.create_system(replicate_topology(mapping.cg_topology(), 2), platform_hint=platform)
     assert 'type="CGNetForce"' in openmm.XmlSerializer.serialize(system)
+
+
+# ------------------------------------------------------------------ self-test in a child process
+def test_selftest_passes_and_is_recorded_once(monkeypatch, tmp_path):
+    from openmm_flowmatch.native import selftest
+
+    monkeypatch.setenv("OPENMM_FLOWMATCH_NATIVE_CACHE", str(tmp_path))
+    library = build_library()
+    outcome = selftest.library_selftest(library)
+    assert outcome["main"] is None and outcome["passed"][:4] == ["load", "deserialize", "Reference", "CPU"]
+    assert selftest.record_path(library).is_file()
+
+    def no_child(*args, **kwargs):
+        raise AssertionError("the recorded outcome should have been reused")
+
+    monkeypatch.setattr(selftest.subprocess, "run", no_child)
+    assert selftest.library_selftest(library) == outcome
+
+
+@pytest.mark.parametrize("stage", ["load", "deserialize", "CPU"])
+def test_a_crash_in_the_selftest_disables_the_library(monkeypatch, tmp_path, stage):
+    """A segmentation fault of the library in the child marks it unusable (and is not cached: a testing hook)."""
+    from openmm_flowmatch.native import selftest
+
+    monkeypatch.setenv("OPENMM_FLOWMATCH_NATIVE_CACHE", str(tmp_path))
+    library = build_library()
+    monkeypatch.setenv(selftest.CRASH_ENV, stage)
+    outcome = selftest.library_selftest(library)
+    assert f"stage '{stage}'" in outcome["main"] and "SIGSEGV" in outcome["main"]
+    assert not selftest.record_path(library).exists()
+
+
+@needs_opencl
+def test_a_crashing_gpu_kernel_disables_only_its_platform(monkeypatch, tmp_path):
+    from openmm_flowmatch.native import selftest
+
+    monkeypatch.setenv("OPENMM_FLOWMATCH_NATIVE_CACHE", str(tmp_path))
+    library = build_library()
+    monkeypatch.setenv(selftest.CRASH_ENV, "OpenCL")
+    outcome = selftest.library_selftest(library)
+    assert outcome["main"] is None and "SIGSEGV" in outcome["gpu"]["OpenCL"]
+
+
+def test_auto_backend_falls_back_when_the_library_crashes(artifacts, tmp_path):
+    """In a fresh process whose native library crashes in its self-test, backend="auto" builds a TorchForce
+    System and says why; backend="native" raises NativeBuildError."""
+    script = f"""
+import logging, openmm
+logging.basicConfig(level=logging.INFO)
+from openmm_flowmatch.export import FlowMatchForceField
+from openmm_flowmatch.native import NativeBuildError
+from openmm_flowmatch.topology import replicate_topology
+force_field = FlowMatchForceField.load({str(artifacts["tiny-tanh"])!r})
+topology = replicate_topology(force_field.mapping.cg_topology(), 2)
+system = force_field.create_system(topology, backend="auto", platform_hint="Reference")
+xml = openmm.XmlSerializer.serialize(system)
+print("FORCES", [kind for kind in ("TorchForce", "CGNetForce") if f'type="{{kind}}"' in xml])
+try:
+    force_field.create_system(topology, backend="native")
+except NativeBuildError as error:
+    print("NATIVE RAISED", error)
+"""
+    environment = {**os.environ, "OPENMM_FLOWMATCH_NATIVE_CACHE": str(tmp_path),
+                   "OPENMM_FLOWMATCH_NATIVE_LIBRARY": str(build_library()), "OPENMM_FLOWMATCH_SELFTEST_CRASH": "deserialize"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "TorchForce" in result.stdout and "CGNetForce" not in result.stdout
+    assert "NATIVE RAISED" in result.stdout and "SIGSEGV" in result.stdout
+    assert "failed its self-test" in result.stderr

@@ -11,8 +11,9 @@ API
 ``build_library(force=False) -> Path``
     Compile the plugin (first use; cached per user, OpenMM version, compiler and CPU).
 ``load_native_plugin() -> Path``
-    Build if needed and load it into OpenMM (``Platform.loadPluginLibrary``); idempotent. Needed
-    before ``XmlSerializer.deserialize`` of a System holding a ``CGNetForce``.
+    Build if needed, self-test it once in a child process (:mod:`.selftest`: a library that
+    crashes is never loaded here) and load it into OpenMM (``Platform.loadPluginLibrary``);
+    idempotent. Needed before ``XmlSerializer.deserialize`` of a System holding a ``CGNetForce``.
 ``native_network_force(force_field, replicas) -> openmm.Force``
     The artifact's network as a checked native force for ``replicas`` copies.
 ``native_choice(force_field, platform_hint=None) -> (bool, str)``
@@ -43,6 +44,7 @@ from .build import (
     openmm_paths,
     unavailable_reason,
 )
+from .selftest import library_selftest
 from .force import (
     CHECK_TOLERANCE,
     NativeMismatchError,
@@ -93,7 +95,25 @@ def native_unavailable_reason() -> Optional[str]:
     """
     if _loaded is not None and not os.environ.get(LIBRARY_ENV):
         return None
-    return unavailable_reason()
+    reason = unavailable_reason()
+    if reason is None:
+        return _recorded_selftest_failure()
+    return reason
+
+
+def _recorded_selftest_failure() -> Optional[str]:
+    """The reason a located library failed its earlier self-test (:mod:`.selftest`), if it did."""
+    from .selftest import record_path
+
+    library, _ = locate_library(build=False)
+    if library is None:
+        return None
+    path = record_path(library)
+    if not path.is_file():
+        return None
+    import json
+
+    return json.loads(path.read_text()).get("main")
 
 
 def native_available() -> bool:
@@ -132,17 +152,22 @@ def load_native_plugin(path: Optional[str | Path] = None) -> Path:
         import openmm
 
         library = Path(path) if path is not None else _located_library()
+        selftest = library_selftest(library)  # in a child process: a crashing library never reaches this one
+        if selftest["main"] is not None:
+            raise NativeBuildError(f"{selftest['main']} ({library}); use backend='torchforce' (backend='auto' falls back "
+                                   "to it); docs/native.md, 'Self-test'")
         openmm.Platform.loadPluginLibrary(str(library))
         handle = ctypes.CDLL(str(library))  # already loaded: same handle; reads the version tag
         handle.openmmFlowmatchNativeVersion.restype = ctypes.c_char_p
         handle.openmmFlowmatchNativeVersion()
-        _load_gpu_libraries(library)
+        _load_gpu_libraries(library, selftest["gpu"])
         _loaded = library
         return library
 
 
-def _load_gpu_libraries(library: Path) -> None:
-    """Load the common-compute kernels (OpenCL, CUDA) built beside ``library`` for platforms OpenMM has."""
+def _load_gpu_libraries(library: Path, selftest: dict) -> None:
+    """Load the common-compute kernels (OpenCL, CUDA) built beside ``library`` for platforms OpenMM has,
+    except those that failed their self-test (``selftest``: platform -> reason or None)."""
     import openmm
 
     from .build import gpu_libraries
@@ -152,6 +177,9 @@ def _load_gpu_libraries(library: Path) -> None:
     for platform, path in found.items():
         if platform not in registered:
             missing[platform] = f"OpenMM has no {platform} platform here"
+            continue
+        if selftest.get(platform):
+            missing[platform] = selftest[platform]
             continue
         try:
             openmm.Platform.loadPluginLibrary(str(path))

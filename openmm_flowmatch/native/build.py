@@ -240,8 +240,9 @@ def cache_directory() -> Path:
 def _flags(lib_dir: Path) -> list[str]:
     flags = list(BASE_FLAGS) + list(ARCH_FLAGS)
     flags.append(f"-DOPENMM_FLOWMATCH_NATIVE_VERSION=\"{NATIVE_VERSION}\"")
-    if _uses_old_cxx_abi(lib_dir):
-        flags.append("-D_GLIBCXX_USE_CXX11_ABI=0")
+    # always explicit: a compiler configured with the other default (some GCC builds in CUDA images default
+    # to the pre-C++11 ABI) would otherwise pass std::string to libOpenMM in another layout and crash
+    flags.append(f"-D_GLIBCXX_USE_CXX11_ABI={0 if _uses_old_cxx_abi(lib_dir) else 1}")
     return flags
 
 
