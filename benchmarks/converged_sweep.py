@@ -201,11 +201,15 @@ def cell_name(lipschitz: float, weight_decay: float) -> str:
 
 
 def doubling_ladder(directory: Path, train: Any, config: SweepConfig, seed: int, log: StageLog, tag: str) -> dict:
-    """Train ``x1, x2, x4, …`` (``train(path, steps)``) until a doubling changes the scoring loss < se."""
+    """Train ``x1, x2, x4, …`` (``train(path, steps)``) until a doubling changes the scoring loss < se.
+
+    The model is the first converged budget up to ``2 ** max_doublings`` ×, else that largest one;
+    the further rung of ``extra_doubling_seeds`` is evidence (is 2× still moving at 4×?), never the model.
+    """
     from openmm_flowmatch.forcefield.convergence import is_converged, paired_loss_difference
 
     rungs, pairs, converged_at = [], [], None
-    depth = config.max_doublings + (1 if seed in config.extra_doubling_seeds else 0)
+    depth = config.max_doublings + (1 if seed in config.extra_doubling_seeds else 0)  # extra rungs: evidence only
     for doubling in range(depth + 1):
         multiplier = 2 ** doubling
         steps = multiplier * config.base_steps
@@ -223,8 +227,10 @@ def doubling_ladder(directory: Path, train: Any, config: SweepConfig, seed: int,
         if pairs[-1]["converged"]:
             converged_at = rungs[-2]["budget_steps"]
             break
-    chosen = next((r for r in rungs if r["budget_steps"] == converged_at), rungs[-1])
+    standard = rungs[:config.max_doublings + 1]  # the model comes from these, for every seed alike
+    chosen = next((r for r in standard if r["budget_steps"] == converged_at), standard[-1])
     return {"rungs": rungs, "pairs": pairs, "converged_at_steps": converged_at, "model": chosen["directory"],
+            "standard_steps": standard[-1]["budget_steps"],
             "verdict": f"converged at {converged_at} steps" if converged_at is not None
             else f"not converged up to {rungs[-1]['budget_steps']} steps"}
 
@@ -583,7 +589,7 @@ def collect_results(work: Path) -> dict:
     config = read_json(work / "config.json") if (work / "config.json").exists() else {}
     return {"benchmark": "converged_sweep", "description": __doc__.split("\n\n")[0], "config": config,
             "data": split, "floor": split.get("floor"), "results": records, "summary": summarize(records),
-            "threshold_sensitivity": sensitivity,
+            "threshold_sensitivity": sensitivity, "budget_evidence": budget_evidence(records, work),
             "ratios": ratio_intervals(records, "js_divergence")}
 
 
@@ -634,7 +640,7 @@ def summarize(records: list[dict]) -> list[dict]:
         row: dict = {"n_frames": n_frames, "method": method, "seeds": [r["seed"] for r in group],
                      "all_sound": all(r["sound"] for r in group),
                      "converged": [r["ladder"]["converged_at_steps"] for r in group],
-                     "js_doubling_converged": [all(p["converged"] for p in r["js_doubling"]) if r["js_doubling"]
+                     "js_doubling_converged": [all(p["converged"] for p in standard_pairs(r)) if standard_pairs(r)
                                                else None for r in group],
                      "time_step_fs": [r["time_step_fs"] for r in group]}
         values = {"js_divergence": [r["metrics"].get("js_divergence") for r in group],
@@ -653,6 +659,37 @@ def summarize(records: list[dict]) -> list[dict]:
                 row[name] = {"mean": float(np.mean(items)), "sd": float(np.std(items, ddof=1)) if len(items) > 1
                              else None, "min": float(np.min(items)), "max": float(np.max(items)), "n": len(items)}
         rows.append(row)
+    return rows
+
+
+def standard_pairs(record: dict) -> list[dict]:
+    """The JS doubling checks up to the record's model budget rule (not the evidence-only rung)."""
+    limit = record["ladder"].get("standard_steps", math.inf)
+    return [pair for pair in record["js_doubling"] if pair["to_steps"] <= limit]
+
+
+def budget_evidence(records: list[dict], work: Path) -> list[dict]:
+    """Per (seed, N, method) with an evidence rung: JS ± replica se, T_kin and scoring loss at every budget."""
+    rows = []
+    for record in records:
+        ladder = record["ladder"]
+        if ladder["rungs"][-1]["budget_steps"] <= ladder.get("standard_steps", math.inf):
+            continue
+        directory = Path(work) / f"seed{record['seed']}" / f"n{record['n_frames']}" / record["method"] / \
+            Path(record["model_directory"]).parent
+        budgets = []
+        for rung in ladder["rungs"]:
+            path = directory / rung["directory"]
+            if not (path / "js_bootstrap.json").exists():
+                continue
+            run, simulation = sound_run(path)
+            budgets.append({"steps": rung["budget_steps"], "steps_run": rung["steps_run"], "best_step": rung["best_step"],
+                            "js": read_json(run / "js_bootstrap.json"), "scoring_loss": rung["scoring_loss"],
+                            "time_step_fs": simulation["time_step_ps"] * 1000,
+                            "kinetic_temperature": (simulation.get("kinetic_temperature") or {}).get("mean")})
+        rows.append({"seed": record["seed"], "n_frames": record["n_frames"], "method": record["method"],
+                     "budgets": budgets, "loss_pairs": ladder["pairs"], "js_pairs": record["js_doubling"],
+                     "model_steps": next(r["budget_steps"] for r in ladder["rungs"] if r["directory"] == ladder["model"])})
     return rows
 
 
@@ -736,6 +773,17 @@ def markdown_table(results: dict) -> str:
                          f"{row['teacher_js']:.3g} | {row['js']['js']:.3g} ± {row['js']['se']:.2g} | "
                          f"{default['js'].get('js', float('nan')):.3g} ({default['quantile']}) | "
                          f"{row['kinetic_temperature']:.4g} |")
+    if results.get("budget_evidence"):
+        lines += ["", "| seed | N | method | budgets (steps) | φ/ψ JS ± replica se | T_kin (K) | scoring loss change per "
+                      "doubling ± se (converged?) | model |", "|---:|---:|---|---|---|---|---|---:|"]
+        for row in results["budget_evidence"]:
+            lines.append(
+                f"| {row['seed']} | {row['n_frames']} | {row['method']} | "
+                f"{' / '.join(str(b['steps']) for b in row['budgets'])} | "
+                f"{' / '.join(format(b['js']['js'], '.3f') + ' ± ' + format(b['js']['se'], '.3f') for b in row['budgets'])} | "
+                f"{' / '.join(format(b['kinetic_temperature'], '.1f') for b in row['budgets'])} | "
+                f"{'; '.join(format(p['difference'], '.0f') + ' ± ' + format(p['se'], '.0f') + (' (yes)' if p['converged'] else '') for p in row['loss_pairs'])} | "
+                f"{row['model_steps']} |")
     floor = results.get("floor") or {}
     if floor.get("js_divergence") is not None:
         lines += ["", f"Floor (held-out run 1 vs run 2): JS {floor['js_divergence']:.3g}, FES MSE {floor['fes_mse']:.3g}"]

@@ -19,7 +19,7 @@ TINY = [
     "weight_decay_grid=[0.0]", "max_doublings=1", "hidden_width=16", "n_layers=2", "flow_steps=4", "flow_batch=32",
     "flow_blocks=1", "flow_hidden=16", "teacher_samples=200", "replicas=2", "simulation_ps=0.4",
     "equilibration_ps=0.04", "report_interval=10", 'threshold_sensitivity=[0.9,"none"]', "sensitivity_sizes=[60]",
-    "lipschitz_limits=[2.0,10.0]", "simulate_grid_seeds=[1]", "extra_doubling_seeds=[]",
+    "lipschitz_limits=[2.0,10.0]", "simulate_grid_seeds=[1]", "extra_doubling_seeds=[1]",
 ]
 
 
@@ -95,7 +95,12 @@ def test_the_ladder_stops_at_the_first_converged_doubling(benchmark, tmp_path):
     extra_calls: list = []
     extended = benchmark.doubling_ladder(tmp_path / "extended", fake_trainer(tmp_path, losses, extra_calls), deeper, 3,
                                          StageLog(), "t")
-    assert extra_calls == [10, 20, 40] and extended["converged_at_steps"] == 20
+    assert extra_calls == [10, 20, 40] and extended["converged_at_steps"] == 20 and extended["model"] == "x2"
+    # the evidence rung is never the model: 20 → 40 still moving, the model stays at 2× (max_doublings=1)
+    moving = {10: noise + 30.0, 20: noise + 15.0, 40: noise}
+    evidence = benchmark.doubling_ladder(tmp_path / "moving", fake_trainer(tmp_path, moving, []), deeper, 3, StageLog(), "t")
+    assert [rung["budget_steps"] for rung in evidence["rungs"]] == [10, 20, 40] and evidence["converged_at_steps"] is None
+    assert evidence["model"] == "x2" and evidence["standard_steps"] == 20
     other_calls: list = []
     benchmark.doubling_ladder(tmp_path / "other", fake_trainer(tmp_path, losses, other_calls), deeper, 0, StageLog(), "t")
     assert other_calls == [10, 20]
@@ -171,15 +176,25 @@ def test_tiny_sweep_end_to_end(benchmark, finished_run):
         (seed, method) for seed in (0, 1) for method in ("force-matching", "flow-matching")}
     for record in payload["results"]:
         ladder = record["ladder"]
-        assert [rung["budget_steps"] for rung in ladder["rungs"]] == [6, 12]
-        assert len(ladder["pairs"]) == 1 and ladder["model"] == ("x1" if ladder["pairs"][0]["converged"] else "x2")
+        # seed 1 (extra_doubling_seeds) runs the 4× evidence rung unless 1× → 2× converged; never its model
+        evidence = record["seed"] == 1 and not ladder["pairs"][0]["converged"]
+        budgets = [6, 12, 24] if evidence else [6, 12]
+        assert [rung["budget_steps"] for rung in ladder["rungs"]] == budgets
+        assert len(ladder["pairs"]) == len(budgets) - 1
+        assert ladder["model"] == ("x1" if ladder["pairs"][0]["converged"] else "x2")
         assert record["kinetic_temperature"] > 0
-        assert record["js_se"] >= 0 and set(record["kinetic_temperature_per_budget"]) == {"6", "12"}
+        assert record["js_se"] >= 0 and set(record["kinetic_temperature_per_budget"]) == {str(b) for b in budgets}
+        evidence_rows = [row for row in payload["budget_evidence"]
+                         if (row["seed"], row["method"]) == (record["seed"], record["method"])]
+        assert len(evidence_rows) == (1 if evidence else 0)
+        if evidence:
+            assert [b["steps"] for b in evidence_rows[0]["budgets"]] == budgets and evidence_rows[0]["model_steps"] == 12
         # a model unsound at 4 fs is reported at 2 fs, where it was simulated again
         first = record["first_step"]
         assert first["time_step_fs"] == 4.0
         assert record["time_step_fs"] == (4.0 if first["sound"] else 2.0)
-        (doubling,) = record["js_doubling"]
+        doubling = record["js_doubling"][0]
+        assert len(record["js_doubling"]) == len(budgets) - 1
         assert doubling["converged"] == (abs(doubling["js_change"]) < doubling["se"])
         assert 0.0 <= record["metrics"]["js_divergence"] <= math.log(2.0) + 1e-12
         if record["method"] == "force-matching":
@@ -222,8 +237,10 @@ def test_rerun_is_cached_and_changed_settings_are_refused(benchmark, finished_ru
     # split + 2 seeds × [priors + FM (2 cells, the ladder's 2×) + FlM (flow, threshold, teacher, its metrics,
     # 2 rungs) + 2 methods × 2 rungs × 3 simulation stages] + seed 0's threshold variants (6 + 5 stages)
     # + seed 1's other FM grid cell (3) + 3 per model simulated again at half the step
+    # + seed 1's evidence rungs (4×: training + 3 simulation stages each)
     half_steps = len(list(work.rglob("half_step/simulation.json")))
-    assert len(stage_files) == 1 + 2 * (1 + 3 + 6 + 2 * 2 * 3) + 6 + 5 + 3 + 3 * half_steps
+    evidence_rungs = len([path for path in (work / "seed1").rglob("force_field.json") if path.parent.name == "x4"])
+    assert len(stage_files) == 1 + 2 * (1 + 3 + 6 + 2 * 2 * 3) + 6 + 5 + 3 + 3 * half_steps + 4 * evidence_rungs
     assert {path: path.stat().st_mtime_ns for path in artifacts} == artifacts
     assert benchmark.main([*argv, "base_steps=7"]) == 2
     benchmark.check_work_config(work, benchmark.apply_settings(benchmark.SweepConfig(), [*TINY, "seeds=[0,1,2]"]))
