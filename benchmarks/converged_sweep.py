@@ -104,8 +104,10 @@ logger = logging.getLogger("converged_sweep")
 class SweepConfig(BudgetConfig):
     """Every setting of the sweep (recorded in the results JSON); the rest as :class:`BudgetConfig`."""
 
-    sizes: list = field(default_factory=lambda: [1000, 3000, 10000, 100000])
+    sizes: list = field(default_factory=lambda: [1000, 3000, 10000, 30000, 100000, "all"])
     seeds: list = field(default_factory=lambda: [0, 1, 2])
+    # seeds run at other sizes than ``sizes`` ({"3": [1000, 3000]}: seed 3 at those sizes only)
+    sizes_by_seed: dict = field(default_factory=dict)
     validations_per_run: int = 40
     patience_fraction: float = 0.3
     lipschitz_grid: list = field(default_factory=lambda: [2.0, 4.0, 10.0])
@@ -122,7 +124,7 @@ class SweepConfig(BudgetConfig):
     simulate_grid_seeds: list = field(default_factory=lambda: [0])
 
 
-MUTABLE = ("sizes", "seeds", "threads", "max_doublings", "extra_doubling_seeds", "threshold_sensitivity", "sensitivity_sizes", "lipschitz_limits",
+MUTABLE = ("sizes", "seeds", "sizes_by_seed", "threads", "max_doublings", "extra_doubling_seeds", "threshold_sensitivity", "sensitivity_sizes", "lipschitz_limits",
            "simulate_grid_seeds")
 
 
@@ -513,9 +515,8 @@ def run_benchmark(data_directory: Path, work: Path, config: SweepConfig, pdb: Pa
     log.run_stage("data split, validation halves and floor", work / "split.json",
                   lambda: {**split.description, "selection": halves[0].description, "scoring": halves[1].description,
                            "floor": reference_floor(split, config)})
-    sizes = sorted({resolve_size(size, split.pool.n_frames) for size in config.sizes})
     for seed in config.seeds:
-        for n_frames in sizes:
+        for n_frames in unit_sizes(config, seed, split.pool.n_frames):
             unit = work / f"seed{seed}" / f"n{n_frames}"
             unit.mkdir(parents=True, exist_ok=True)
             lock = UnitLock(unit / "worker.lock")
@@ -527,6 +528,11 @@ def run_benchmark(data_directory: Path, work: Path, config: SweepConfig, pdb: Pa
             finally:
                 lock.release()
     return log
+
+
+def unit_sizes(config: SweepConfig, seed: int, pool_frames: int) -> list[int]:
+    """The training sizes run for ``seed``: ``sizes_by_seed[str(seed)]`` if given, else ``sizes``."""
+    return sorted({resolve_size(size, pool_frames) for size in config.sizes_by_seed.get(str(seed), config.sizes)})
 
 
 def reference_floor(split: Any, config: SweepConfig) -> dict:

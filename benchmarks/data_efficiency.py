@@ -1094,7 +1094,7 @@ def build_config(arguments: argparse.Namespace) -> ProtocolConfig:
 def apply_settings(config: Any, settings: Sequence[str], error: type = ProtocolError) -> Any:
     """Set ``KEY=VALUE`` items (``--set``) on a dataclass config, each parsed as its field's type.
 
-    Booleans take 1/true/yes/on, lists JSON, other fields their type's constructor; an unknown
+    Booleans take 1/true/yes/on, lists and dicts JSON, other fields their type's constructor; an unknown
     key or a value that does not parse raises ``error`` naming the item.
     """
     fields = {f.name for f in dataclasses.fields(config)}
@@ -1106,7 +1106,7 @@ def apply_settings(config: Any, settings: Sequence[str], error: type = ProtocolE
         try:
             if isinstance(current, bool):
                 parsed: Any = value.strip().lower() in ("1", "true", "yes", "on")
-            elif isinstance(current, list):
+            elif isinstance(current, (list, dict)):
                 parsed = json.loads(value)
             else:
                 parsed = type(current)(value)

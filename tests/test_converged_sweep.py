@@ -60,6 +60,12 @@ def test_validation_halves_alternate_blocks_and_cover_the_set(benchmark):
     assert selection.description["role"] == "selection" and scoring.description["frames"] == 10
 
 
+def test_sizes_by_seed(benchmark):
+    config = benchmark.apply_settings(benchmark.SweepConfig(), ['sizes=[1000,"all"]', 'sizes_by_seed={"3": [1000, 3000]}'])
+    assert benchmark.unit_sizes(config, 0, 5000) == [1000, 5000]
+    assert benchmark.unit_sizes(config, 3, 5000) == [1000, 3000]
+
+
 def fake_trainer(directory: Path, losses_by_steps: dict, calls: list):
     def train(path: Path, steps: int) -> dict:
         calls.append(steps)
