@@ -96,7 +96,8 @@ def _outcome(done: dict, failure: Optional[str]) -> dict:
     main = None
     if failure is not None:
         if stage in MAIN_STAGES or stage is None:
-            main = f"the native library failed its self-test at stage {stage!r} in a child process: {failure}"
+            where = f"at stage {stage!r}" if stage is not None else "after its last stage (at exit)"
+            main = f"the native library failed its self-test {where} in a child process: {failure}"
         else:
             gpu[stage] = f"the {stage} kernel failed its self-test in a child process: {failure}"
     return {"main": main, "gpu": gpu, "passed": done.get("passed", [])}
