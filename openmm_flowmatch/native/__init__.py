@@ -103,17 +103,11 @@ def native_unavailable_reason() -> Optional[str]:
 
 def _recorded_selftest_failure() -> Optional[str]:
     """The reason a located library failed its earlier self-test (:mod:`.selftest`), if it did."""
-    from .selftest import record_path
+    from .selftest import recorded_outcome
 
     library, _ = locate_library(build=False)
-    if library is None:
-        return None
-    path = record_path(library)
-    if not path.is_file():
-        return None
-    import json
-
-    return json.loads(path.read_text()).get("main")
+    outcome = recorded_outcome(library) if library is not None else None
+    return outcome.get("main") if outcome else None
 
 
 def native_available() -> bool:

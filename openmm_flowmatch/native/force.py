@@ -14,7 +14,7 @@ import base64
 import copy
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 from xml.sax.saxutils import quoteattr
 
 import numpy as np
@@ -246,44 +246,51 @@ def check_native_force(
     Returns the largest relative energy and force differences found; raises
     :class:`NativeMismatchError` when one exceeds ``tolerance`` (see :data:`CHECK_TOLERANCE`).
     """
-    import openmm
-
     n_beads = int(force_field.n_beads)
     if configurations is None:
         configurations = check_configurations(n_beads, replicas)
     module = force_field.fresh_module() if hasattr(force_field, "fresh_module") else force_field.module
+    worst = {"energy": 0.0, "forces": 0.0}
+    for platform_name in platforms:
+        for positions, (energy, forces) in zip(configurations, force_energies_and_forces(
+                force, n_beads * replicas, platform_name, configurations)):
+            expected_energy, expected_forces = _torch_energy_and_forces(module, positions)
+            energy_error = abs(energy - expected_energy) / max(abs(expected_energy), 1.0)
+            force_error = float(np.max(np.abs(np.asarray(forces) - expected_forces))) / max(
+                float(np.max(np.abs(expected_forces))), 1.0
+            )
+            worst["energy"] = max(worst["energy"], energy_error)
+            worst["forces"] = max(worst["forces"], force_error)
+            if not (energy_error <= tolerance and force_error <= tolerance):
+                raise NativeMismatchError(
+                    f"the native CGNet force differs from the TorchScript module on the {platform_name} platform: "
+                    f"energy {energy!r} vs {expected_energy!r} kJ/mol (relative {energy_error:.3g}), largest force "
+                    f"difference {force_error:.3g} relative (tolerance {tolerance:g}); {_REMEDY} and report this"
+                )
+    return worst
+
+
+def force_energies_and_forces(force: Any, n_particles: int, platform_name: str,
+                              configurations: Sequence[np.ndarray]) -> Iterator[tuple[float, np.ndarray]]:
+    """Energy (kJ/mol) and forces (kJ/mol/nm) of ``force`` alone (a copy, in a System of ``n_particles``)
+    at each configuration (nm) on one OpenMM platform."""
+    import openmm
+
     system = openmm.System()
-    for _ in range(n_beads * replicas):
+    for _ in range(n_particles):
         system.addParticle(1.0)
     duplicate = copy.deepcopy(force)
     duplicate.setForceGroup(0)
     system.addForce(duplicate)
-    worst = {"energy": 0.0, "forces": 0.0}
-    for platform_name in platforms:
-        platform = openmm.Platform.getPlatformByName(platform_name)
-        context = openmm.Context(system, openmm.VerletIntegrator(0.001), platform)
-        try:
-            for positions in configurations:
-                context.setPositions(positions)
-                state = context.getState(getEnergy=True, getForces=True)
-                energy = state.getPotentialEnergy().value_in_unit(openmm.unit.kilojoule_per_mole)
-                forces = state.getForces(asNumpy=True).value_in_unit(openmm.unit.kilojoule_per_mole / openmm.unit.nanometer)
-                expected_energy, expected_forces = _torch_energy_and_forces(module, positions)
-                energy_error = abs(energy - expected_energy) / max(abs(expected_energy), 1.0)
-                force_error = float(np.max(np.abs(np.asarray(forces) - expected_forces))) / max(
-                    float(np.max(np.abs(expected_forces))), 1.0
-                )
-                worst["energy"] = max(worst["energy"], energy_error)
-                worst["forces"] = max(worst["forces"], force_error)
-                if not (energy_error <= tolerance and force_error <= tolerance):
-                    raise NativeMismatchError(
-                        f"the native CGNet force differs from the TorchScript module on the {platform_name} platform: "
-                        f"energy {energy!r} vs {expected_energy!r} kJ/mol (relative {energy_error:.3g}), largest force "
-                        f"difference {force_error:.3g} relative (tolerance {tolerance:g}); {_REMEDY} and report this"
-                    )
-        finally:
-            del context
-    return worst
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName(platform_name))
+    try:
+        for positions in configurations:
+            context.setPositions(positions)
+            state = context.getState(getEnergy=True, getForces=True)
+            yield (state.getPotentialEnergy().value_in_unit(openmm.unit.kilojoule_per_mole),
+                   np.asarray(state.getForces(asNumpy=True).value_in_unit(openmm.unit.kilojoule_per_mole / openmm.unit.nanometer)))
+    finally:
+        del context
 
 
 def native_network_force(force_field: Any, replicas: int, *, check: bool = True, name: str = "FlowMatchNetwork",

@@ -45,6 +45,12 @@ def record_path(library: Path) -> Path:
     return cache_directory() / "selftest" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
 
 
+def recorded_outcome(library: Path) -> Optional[dict]:
+    """The kept outcome of ``library``'s self-test (see :func:`library_selftest`), or ``None`` if none was kept."""
+    path = record_path(library)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def library_selftest(library: Path, timeout: float = TIMEOUT_SECONDS) -> dict:
     """``{"main": reason or None, "gpu": {platform: reason or None}}`` for ``library`` (cached).
 
@@ -53,8 +59,9 @@ def library_selftest(library: Path, timeout: float = TIMEOUT_SECONDS) -> dict:
     """
     path = record_path(library)
     hooked = bool(os.environ.get(CRASH_ENV))
-    if path.is_file() and not hooked:
-        return json.loads(path.read_text())
+    recorded = recorded_outcome(library)
+    if recorded is not None and not hooked:
+        return recorded
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         writable = os.access(path.parent, os.W_OK)
@@ -121,26 +128,11 @@ def tiny_parameters() -> dict:
             "pairs": pairs, "mean": np.zeros(features), "std": np.ones(features), "layers": layers}
 
 
-def _evaluate(force, platform_name: str, positions: np.ndarray) -> tuple[float, np.ndarray]:
-    import openmm
-    import openmm.unit as unit
-
-    system = openmm.System()
-    for _ in range(len(positions)):
-        system.addParticle(12.0)
-    system.addForce(openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(force)))
-    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName(platform_name))
-    context.setPositions(positions)
-    state = context.getState(getEnergy=True, getForces=True)
-    return (state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole),
-            state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer))
-
-
 def run_child(library: Path, progress: Path) -> None:
     """The child's stages; after each, ``progress`` says what passed and which stage runs next."""
     import openmm
 
-    from .force import check_configurations, force_xml
+    from .force import check_configurations, force_energies_and_forces, force_xml
 
     record: dict = {"passed": [], "stage": None, "gpu": {}}
 
@@ -165,7 +157,7 @@ def run_child(library: Path, progress: Path) -> None:
     results = {}
     for platform_name in ("Reference", "CPU"):
         enter(platform_name)
-        results[platform_name] = _evaluate(force, platform_name, positions)
+        (results[platform_name],) = force_energies_and_forces(force, len(positions), platform_name, [positions])
         if not np.isfinite(results[platform_name][0]) or not np.all(np.isfinite(results[platform_name][1])):
             raise RuntimeError(f"non-finite energy or forces on {platform_name}")
         passed()
@@ -177,7 +169,7 @@ def run_child(library: Path, progress: Path) -> None:
         enter(platform_name)
         try:
             openmm.Platform.loadPluginLibrary(str(path))
-            energy, forces = _evaluate(force, platform_name, positions)
+            ((energy, forces),) = force_energies_and_forces(force, len(positions), platform_name, [positions])
             reference_energy, reference_forces = results["Reference"]
             if abs(energy - reference_energy) > 1e-3 * max(abs(reference_energy), 1.0) or \
                     np.abs(forces - reference_forces).max() > 1e-3 * max(np.abs(reference_forces).max(), 1.0):
