@@ -23,10 +23,14 @@ gets its best shot, every seed the same protocol:
    the flow's own force scores at the N frames), ``teacher_samples`` teacher samples; the CG
    network with the package defaults, early-stopped on its own last 10 % of teacher samples.
 4. **Budget doubling.** The chosen configuration of each method is trained again at 2× (and up to
-   ``2 ** max_doublings`` ×, one doubling more for ``extra_doubling_seeds``) the budget, with the schedule and patience scaled alike; a budget is
-   converged when doubling it changes the scoring-half loss by less than the paired moving-block
-   bootstrap error. The model of the first converged budget (else of the largest) is the
-   method's model at that (seed, N).
+   ``2 ** max_doublings`` ×, one doubling more for ``extra_doubling_seeds``) the budget, with the
+   schedule and patience scaled alike; a budget is converged when doubling it changes the
+   scoring-half loss by less than the paired moving-block bootstrap error. The model of the first
+   converged budget (else of the largest) is the method's model at that (seed, N). At the sizes of
+   ``force_matching_doublings_by_size`` force matching's ladder goes on doubling (up to
+   ``2 ** value`` ×, for every seed alike) until ``extended_ladder_confirmations`` successive
+   doublings are converged (the model is the budget before them): the published budget on all
+   frames is ~50 epochs, 64 × the base budget there.
 5. **Simulation.** Every budget's model: ``replicas`` × (``equilibration_ps`` + ``simulation_ps``)
    at ``time_step_ps``, Langevin at 300 K, from N-frame starts; φ/ψ JS / FES MSE vs the whole
    held-out reference with a JS error bar from resampling whole replicas, the kinetic temperature
@@ -116,6 +120,13 @@ class SweepConfig(BudgetConfig):
     max_doublings: int = 1
     # seeds whose ladder goes one doubling further (the 4× evidence of the issue, on seed 0 across N)
     extra_doubling_seeds: list = field(default_factory=lambda: [0])
+    # sizes at which force matching keeps doubling its chosen cell's budget until a doubling is
+    # converged, up to 2 ** value × base_steps ({"all": 5}: up to 32 ×); keys are sizes as in ``sizes``
+    force_matching_doublings_by_size: dict = field(default_factory=dict)
+    # on those extended ladders a budget is converged only when this many successive doublings
+    # after it each stay within their error (one such doubling can be luck when every doubling
+    # gains about one error bar)
+    extended_ladder_confirmations: int = 2
     flow_doubling: bool = False
     # outlier-threshold sensitivity of flow-matching (seed 0 only): other quantiles, "none" = keep every sample
     threshold_sensitivity: list = field(default_factory=lambda: [0.99, "none"])
@@ -124,7 +135,8 @@ class SweepConfig(BudgetConfig):
     simulate_grid_seeds: list = field(default_factory=lambda: [0])
 
 
-MUTABLE = ("sizes", "seeds", "sizes_by_seed", "threads", "max_doublings", "extra_doubling_seeds", "threshold_sensitivity", "sensitivity_sizes", "lipschitz_limits",
+MUTABLE = ("sizes", "seeds", "sizes_by_seed", "threads", "max_doublings", "extra_doubling_seeds",
+           "force_matching_doublings_by_size", "extended_ladder_confirmations", "threshold_sensitivity", "sensitivity_sizes", "lipschitz_limits",
            "simulate_grid_seeds")
 
 
@@ -202,16 +214,25 @@ def cell_name(lipschitz: float, weight_decay: float) -> str:
     return f"L{lipschitz:g}_wd{weight_decay:g}"
 
 
-def doubling_ladder(directory: Path, train: Any, config: SweepConfig, seed: int, log: StageLog, tag: str) -> dict:
+def doubling_ladder(directory: Path, train: Any, config: SweepConfig, seed: int, log: StageLog, tag: str,
+                    max_doublings: int | None = None, confirmations: int = 1) -> dict:
     """Train ``x1, x2, x4, …`` (``train(path, steps)``) until a doubling changes the scoring loss < se.
 
-    The model is the first converged budget up to ``2 ** max_doublings`` ×, else that largest one;
-    the further rung of ``extra_doubling_seeds`` is evidence (is 2× still moving at 4×?), never the model.
+    A budget B is converged when the ``confirmations`` doublings after it (B → 2B, 2B → 4B, …) each
+    change the scoring loss by less than their paired error. The model is the first converged
+    budget up to ``2 ** max_doublings`` × (``config.max_doublings`` unless given), else that
+    largest one; the further rung of ``extra_doubling_seeds`` is evidence (is 2× still moving at
+    4×?), never the model.
     """
     from openmm_flowmatch.forcefield.convergence import is_converged, paired_loss_difference
 
+    model_doublings = config.max_doublings if max_doublings is None else int(max_doublings)
+    confirmations = max(1, int(confirmations))
     rungs, pairs, converged_at = [], [], None
-    depth = config.max_doublings + (1 if seed in config.extra_doubling_seeds else 0)  # extra rungs: evidence only
+    # the extra rung of extra_doubling_seeds is evidence only; a ladder extended beyond max_doublings
+    # (force_matching_doublings_by_size) is its own evidence and gets none
+    evidence = seed in config.extra_doubling_seeds and model_doublings == config.max_doublings
+    depth = model_doublings + (1 if evidence else 0)
     for doubling in range(depth + 1):
         multiplier = 2 ** doubling
         steps = multiplier * config.base_steps
@@ -226,10 +247,11 @@ def doubling_ladder(directory: Path, train: Any, config: SweepConfig, seed: int,
         same = bool(np.array_equal(before, after))
         pairs.append({"from_steps": rungs[-2]["budget_steps"], "to_steps": steps, "difference": difference,
                       "se": error, "converged": same or is_converged(float(before.mean()), float(after.mean()), error)})
-        if pairs[-1]["converged"]:
-            converged_at = rungs[-2]["budget_steps"]
+        recent = pairs[-confirmations:]
+        if len(recent) == confirmations and all(pair["converged"] for pair in recent):
+            converged_at = recent[0]["from_steps"]
             break
-    standard = rungs[:config.max_doublings + 1]  # the model comes from these, for every seed alike
+    standard = rungs[:model_doublings + 1]  # the model comes from these, for every seed alike
     chosen = next((r for r in standard if r["budget_steps"] == converged_at), standard[-1])
     return {"rungs": rungs, "pairs": pairs, "converged_at_steps": converged_at, "model": chosen["directory"],
             "standard_steps": standard[-1]["budget_steps"],
@@ -238,8 +260,9 @@ def doubling_ladder(directory: Path, train: Any, config: SweepConfig, seed: int,
 
 
 def force_matching_unit(unit: Path, data: tuple, priors: Any, mapping: Any, config: SweepConfig, seed: int,
-                        halves: tuple, log: StageLog, tag: str) -> dict:
-    """The regularisation grid at the base budget, then the budget ladder of the winning cell."""
+                        halves: tuple, log: StageLog, tag: str, max_doublings: int | None = None) -> dict:
+    """The regularisation grid at the base budget, then the budget ladder of the winning cell
+    (up to ``2 ** max_doublings`` ×, ``config.max_doublings`` unless given)."""
     selection, scoring = halves
     grid: list[dict] = []
 
@@ -272,7 +295,9 @@ def force_matching_unit(unit: Path, data: tuple, priors: Any, mapping: Any, conf
         return stage_train(path, data, priors, mapping, config, seed, "force-matching", steps,
                            best["lipschitz_bound"], best["weight_decay"], selection, scoring)
 
-    ladder = doubling_ladder(chosen, train, config, seed, log, f"{tag}: {chosen.name}")
+    extended = max_doublings is not None and max_doublings > config.max_doublings
+    ladder = doubling_ladder(chosen, train, config, seed, log, f"{tag}: {chosen.name}", max_doublings,
+                             config.extended_ladder_confirmations if extended else 1)
     return {"grid": grid, "chosen_cell": chosen.name, "ladder": ladder,
             "model_directory": str((chosen / ladder["model"]).relative_to(unit))}
 
@@ -467,7 +492,7 @@ def run_unit(work: Path, split: Any, mapping: Any, config: SweepConfig, seed: in
     for method in config.methods:
         if method == "force-matching":
             outcome = force_matching_unit(unit / method, (positions, forces), priors, mapping, config, seed, halves,
-                                          log, f"{tag}, FM")
+                                          log, f"{tag}, FM", force_matching_doublings(config, n_frames, split.pool.n_frames))
             teacher = None
         else:
             reuse_seed0_flows(reuse_flows if seed == 0 else None, work, n_frames)
@@ -528,6 +553,14 @@ def run_benchmark(data_directory: Path, work: Path, config: SweepConfig, pdb: Pa
             finally:
                 lock.release()
     return log
+
+
+def force_matching_doublings(config: SweepConfig, n_frames: int, pool_frames: int) -> int:
+    """How many doublings force matching's ladder may take at ``n_frames``: the largest of
+    ``max_doublings`` and ``force_matching_doublings_by_size`` of that size."""
+    extended = [int(doublings) for size, doublings in config.force_matching_doublings_by_size.items()
+                if resolve_size(size, pool_frames) == n_frames]
+    return max([config.max_doublings, *extended])
 
 
 def unit_sizes(config: SweepConfig, seed: int, pool_frames: int) -> list[int]:
@@ -675,11 +708,12 @@ def standard_pairs(record: dict) -> list[dict]:
 
 
 def budget_evidence(records: list[dict], work: Path) -> list[dict]:
-    """Per (seed, N, method) with an evidence rung: JS ± replica se, T_kin and scoring loss at every budget."""
+    """Per (seed, N, method) whose ladder went beyond 2× (an evidence rung or an extended ladder):
+    JS ± replica se, T_kin and scoring loss at every budget."""
     rows = []
     for record in records:
         ladder = record["ladder"]
-        if ladder["rungs"][-1]["budget_steps"] <= ladder.get("standard_steps", math.inf):
+        if len(ladder["rungs"]) <= 2:
             continue
         directory = Path(work) / f"seed{record['seed']}" / f"n{record['n_frames']}" / record["method"] / \
             Path(record["model_directory"]).parent

@@ -112,6 +112,97 @@ def test_the_ladder_stops_at_the_first_converged_doubling(benchmark, tmp_path):
     assert other_calls == [10, 20]
 
 
+def test_force_matching_doublings_by_size(benchmark):
+    config = benchmark.apply_settings(
+        benchmark.SweepConfig(), ["max_doublings=1", 'force_matching_doublings_by_size={"all": 5, "1000": 3}'])
+    assert benchmark.force_matching_doublings(config, 5000, 5000) == 5  # "all" of a 5000-frame pool
+    assert benchmark.force_matching_doublings(config, 1000, 5000) == 3
+    assert benchmark.force_matching_doublings(config, 3000, 5000) == 1  # not listed: max_doublings
+    assert benchmark.force_matching_doublings(benchmark.SweepConfig(max_doublings=2), 1000, 5000) == 2
+
+
+def test_an_extended_ladder_doubles_until_converged_without_an_evidence_rung(benchmark, tmp_path):
+    from data_efficiency import StageLog
+
+    rng = np.random.default_rng(1)
+    noise = 1000 + 50 * rng.standard_normal(400)
+    losses = {10: noise + 60.0, 20: noise + 30.0, 40: noise + 0.01 * rng.standard_normal(400), 80: noise,
+              160: noise}
+    config = benchmark.SweepConfig(base_steps=10, max_doublings=1, extra_doubling_seeds=[0], block_size=20,
+                                   n_bootstrap=300)
+    calls: list = []
+    ladder = benchmark.doubling_ladder(tmp_path, fake_trainer(tmp_path, losses, calls), config, 0, StageLog(), "t",
+                                       max_doublings=4)
+    # 10 → 20 → 40 still move, 40 → 80 does not: the model is 40 steps, and 160 is never trained
+    assert calls == [10, 20, 40, 80]
+    assert ladder["converged_at_steps"] == 40 and ladder["model"] == "x4" and ladder["standard_steps"] == 80
+    # never converged within 2 ** 2 ×: the largest budget, and no evidence rung beyond it for seed 0
+    moving = {10: noise + 60.0, 20: noise + 30.0, 40: noise}
+    capped_calls: list = []
+    capped = benchmark.doubling_ladder(tmp_path / "capped", fake_trainer(tmp_path, moving, capped_calls), config, 0,
+                                       StageLog(), "t", max_doublings=2)
+    assert capped_calls == [10, 20, 40] and capped["model"] == "x4" and capped["converged_at_steps"] is None
+    # two confirmations: a lucky flat first doubling (10 → 20) does not end the ladder, 80 → 160 → 320 does
+    tiny = 0.01 * rng.standard_normal(400)
+    lucky = {10: noise + 60.0, 20: noise + 60.0 + tiny, 40: noise + 30.0, 80: noise + tiny, 160: noise - tiny,
+             320: noise}
+    once: list = []
+    assert benchmark.doubling_ladder(tmp_path / "once", fake_trainer(tmp_path, lucky, once), config, 0, StageLog(),
+                                     "t", max_doublings=5)["model"] == "x1"
+    assert once == [10, 20]
+    twice: list = []
+    confirmed = benchmark.doubling_ladder(tmp_path / "twice", fake_trainer(tmp_path, lucky, twice), config, 0,
+                                          StageLog(), "t", max_doublings=5, confirmations=2)
+    assert twice == [10, 20, 40, 80, 160, 320] and confirmed["converged_at_steps"] == 80 and confirmed["model"] == "x8"
+    assert [pair["converged"] for pair in confirmed["pairs"]] == [True, False, False, True, True]
+
+
+def test_offloaded_training_equals_the_sweeps_own(benchmark, finished_run, data_directory, tmp_path):
+    """prepare → run-job → adopt, then the sweep's stage resumes: the same model as training here."""
+    import shutil
+
+    from openmm_flowmatch.mapping import CGMapping
+    from openmm_flowmatch.priors import Priors
+
+    offload = load_benchmark("offload_training")
+    work, _, _ = finished_run
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy)
+    jobs = offload.prepare(data_directory, copy, tmp_path / "jobs", [0], 60, [4])
+    assert [job["steps"] for job in jobs] == [24] and jobs[0]["destination"].endswith("/x4")
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        record = offload.run_job(tmp_path / "jobs", jobs[0]["name"], tmp_path / "runs", "cpu", 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert record["finished"] and record["steps"] == 24
+    assert offload.adopt(tmp_path / "jobs", tmp_path / "runs", copy) == [jobs[0]["destination"]]
+    assert offload.adopt(tmp_path / "jobs", tmp_path / "runs", copy) == []  # not again onto an equal checkpoint
+
+    config = offload.sweep_config(copy)
+    split = benchmark.load_split(data_directory, config.protocol())
+    halves = benchmark.validation_halves(benchmark.select_validation(split, config), config.block_size)
+    indices = benchmark.training_indices(split.pool.n_frames, 60, 0)
+    data = (split.pool.positions[indices], split.pool.forces[indices])
+    priors = Priors.from_dict(json.loads((copy / "seed0" / "n60" / "priors.json").read_text())["priors"])
+    mapping = CGMapping.backbone(str(benchmark.default_pdb()))
+    job = jobs[0]
+
+    def stage(directory: Path) -> dict:
+        return benchmark.stage_train(directory, data, priors, mapping, config, 0, "force-matching", job["steps"],
+                                     job["lipschitz_bound"], job["weight_decay"], *halves)
+
+    checkpoint = copy / job["destination"] / "checkpoint.pt"
+    written = checkpoint.stat().st_mtime_ns
+    adopted, here = stage(copy / job["destination"]), stage(tmp_path / "here")
+    assert checkpoint.stat().st_mtime_ns == written  # resumed at its last step: no step trained, nothing saved
+    assert adopted["steps_run"] == here["steps_run"] == 24 and adopted["best_step"] == here["best_step"]
+    np.testing.assert_array_equal(np.load(copy / job["destination"] / "losses.npy"), np.load(tmp_path / "here" / "losses.npy"))
+    assert json.loads((copy / job["destination"] / "offloaded_training.json").read_text())["steps_at_adoption"] == 24
+
+
 def test_js_error_bar_resamples_whole_replicas(benchmark):
     from openmm_flowmatch.analysis import compare_phi_psi
 

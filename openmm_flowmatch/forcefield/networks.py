@@ -11,9 +11,10 @@ Two TorchScript-scriptable networks map bead positions ``(batch, n_beads, 3)`` (
 
 The Lipschitz bound follows CGnet: after every optimiser step the trainer calls
 :meth:`project_lipschitz`, which rescales each weight matrix W to W / max(1, σ(W)/bound)
-(σ the largest singular value, estimated by a power iteration warm-started from the previous
-step's singular vectors, with the exact SVD as fallback when it has not converged). The weights themselves then satisfy the bound, so the scripted
-and exported module is a plain MLP with no spectral-norm parametrisation inside.
+(σ the largest singular value: exact for a weight with a short side, else estimated by a power
+iteration warm-started from the previous step's singular vectors, with the exact value as
+fallback when it has not converged). The weights themselves then satisfy the bound, so the
+scripted and exported module is a plain MLP with no spectral-norm parametrisation inside.
 
 Both networks also accept a single configuration ``(n_beads, 3)`` and then return a 0-d energy.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +32,7 @@ from .features import FeatureError, InvariantFeatures, _dihedral_quadruples, _va
 
 __all__ = [
     "CGNet", "MessagePassingNet", "network_from_config", "save_network", "load_network", "NetworkFileError",
-    "ACTIVATIONS", "power_iteration_spectral_norm", "exact_spectral_norm",
+    "ACTIVATIONS", "power_iteration_spectral_norm", "exact_spectral_norm", "largest_singular_value",
 ]
 
 NETWORK_FILE_KIND = "openmm_flowmatch.network"
@@ -61,7 +62,8 @@ POWER_ITERATION_MAX_STEPS: int = 50
 """Power iterations per projection before the layers not yet converged fall back to the exact norm."""
 
 EXACT_NORM_MAX_SIDE: int = 64
-"""Weights with a side this short or shorter always get the exact norm (a tiny eigenproblem)."""
+"""Weights with a side this short or shorter always get the exact norm (a tiny eigenproblem, see
+:func:`largest_singular_value`), and no power iteration."""
 
 _LEFT_VECTOR, _RIGHT_VECTOR = "_lipschitz_left_vector", "_lipschitz_right_vector"
 
@@ -86,6 +88,20 @@ def exact_spectral_norm(weight: Tensor) -> tuple[float, Tensor, Tensor]:
     right = vectors[:, -1].contiguous()
     left = matrix.mv(right) / max(sigma, 1e-300)
     return (sigma, right, left) if transposed else (sigma, left, right)
+
+
+def largest_singular_value(weight: Tensor) -> float:
+    """Largest singular value of ``weight`` ``(out, in)``, exactly, without singular vectors.
+
+    The norm for a vector (a side of 1), else the square root of the largest eigenvalue of the
+    float64 Gram matrix of the shorter side (as accurate as an SVD for the largest singular
+    value, and for a short side much cheaper than either).
+    """
+    matrix = weight.detach().to(torch.float64)
+    if min(matrix.shape) == 1:
+        return float(torch.linalg.vector_norm(matrix))
+    gram = matrix @ matrix.t() if matrix.shape[0] < matrix.shape[1] else matrix.t() @ matrix
+    return math.sqrt(max(float(torch.linalg.eigvalsh(gram)[-1]), 0.0))
 
 
 def power_iteration_spectral_norm(
@@ -118,26 +134,30 @@ def power_iteration_spectral_norm(
         values from below), the updated unit vectors (float64) and the convergence flags.
     """
     single = weight.dim() == 2
-    matrices = weight.detach().double().reshape(-1, weight.shape[-2], weight.shape[-1])
-    transposed = matrices.transpose(1, 2).contiguous()
-    right = right.detach().to(matrices).reshape(matrices.shape[0], -1)
-    left = left.detach().to(matrices).reshape(matrices.shape[0], -1)
-    previous = torch.full((matrices.shape[0],), -1.0, dtype=matrices.dtype, device=matrices.device)
-    sigma, converged = previous, previous > 0
-    # broadcast-multiply-and-sum: for these small matrix-vector products much faster than bmm on CPU
+    matrices = weight.detach().to(torch.float64).reshape(-1, weight.shape[-2], weight.shape[-1])
+    transposed = matrices.transpose(1, 2)  # a view: bmm takes either layout
+    # row vectors (k, 1, n): a row vector times a stack of matrices is a fast bmm on CPU, unlike
+    # a stack of matrices times column vectors
+    right = right.detach().to(matrices).reshape(matrices.shape[0], 1, -1)
+    previous = [-1.0] * matrices.shape[0]  # (the warm-start ``left`` is not needed: the first step replaces it)
     for _ in range(max(2, int(max_iterations))):
-        left = (matrices * right.unsqueeze(1)).sum(-1)
-        left = left / torch.linalg.vector_norm(left, dim=1, keepdim=True)
-        right = (transposed * left.unsqueeze(1)).sum(-1)
-        sigma = torch.linalg.vector_norm(right, dim=1)
-        right = right / sigma.unsqueeze(1)
-        converged = (sigma - previous).abs() <= tolerance * sigma  # False for NaN (zero matrix)
-        if bool(converged.all()):
+        left = torch.bmm(right, transposed)  # W r
+        right = torch.bmm(left, matrices)  # Wᵀ W r
+        left_norm = torch.linalg.vector_norm(left, dim=2, keepdim=True)
+        right_norm = torch.linalg.vector_norm(right, dim=2, keepdim=True)
+        right = right.div_(right_norm)
+        sigma = (right_norm / left_norm).flatten()  # ‖Wᵀ W r‖ / ‖W r‖ ≤ σ
+        # one transfer of k numbers per iteration, then plain floats (NaN, a zero matrix: never converged)
+        values = sigma.tolist()
+        converged = [abs(value - before) <= tolerance * value for value, before in zip(values, previous)]
+        if all(converged):
             break
-        previous = sigma
+        previous = values
+    left, right = (left / left_norm).flatten(1), right.flatten(1)
+    flags = torch.tensor(converged, device=matrices.device)
     if single:
-        return sigma[0], left[0], right[0], converged[0]
-    return sigma, left, right, converged
+        return sigma[0], left[0], right[0], flags[0]
+    return sigma, left, right, flags
 
 
 def _store_vectors(layer: nn.Linear, left: Tensor, right: Tensor) -> None:
@@ -157,23 +177,25 @@ def _has_vectors(layer: nn.Linear) -> bool:
 
 
 def _spectral_norms(layers: List[nn.Linear], exact: bool) -> List[float]:
-    """Spectral norms of the layers' weights: one batched power iteration per weight shape,
-    warm-started from the stored vectors; exact for short sides, new layers, when asked, and
-    for every layer whose iteration has not converged."""
+    """Spectral norms of the layers' weights: exact for a short side (a tiny eigenproblem), else one
+    batched power iteration per weight shape, warm-started from the stored vectors; exact (with
+    the vectors stored for the next warm start) for new layers, when asked, and for every layer
+    whose iteration has not converged."""
     norms: dict[int, float] = {}
     groups: dict[tuple, List[int]] = {}
     for index, layer in enumerate(layers):
-        if exact or min(layer.weight.shape) <= EXACT_NORM_MAX_SIDE or not _has_vectors(layer):
-            continue
-        groups.setdefault(tuple(layer.weight.shape), []).append(index)
+        if min(layer.weight.shape) <= EXACT_NORM_MAX_SIDE:
+            norms[index] = largest_singular_value(layer.weight)
+        elif not exact and _has_vectors(layer):
+            groups.setdefault(tuple(layer.weight.shape), []).append(index)
     for members in groups.values():
-        weights = torch.stack([layers[index].weight for index in members])
+        weights = torch.stack([layers[index].weight.detach() for index in members])
         lefts = torch.stack([layers[index]._buffers[_LEFT_VECTOR] for index in members])
         rights = torch.stack([layers[index]._buffers[_RIGHT_VECTOR] for index in members])
         sigma, lefts, rights, converged = power_iteration_spectral_norm(weights, lefts, rights)
-        for position, index in enumerate(members):
-            if bool(converged[position]):
-                norms[index] = float(sigma[position])
+        for position, (index, value, done) in enumerate(zip(members, sigma.tolist(), converged.tolist())):
+            if done:
+                norms[index] = value
                 _store_vectors(layers[index], lefts[position], rights[position])
     for index, layer in enumerate(layers):
         if index not in norms:
@@ -301,6 +323,36 @@ class CGNet(nn.Module):
         hidden = self.input_activation(self.input_layer(features))
         hidden = self.residual_layers(hidden)
         return self.output_layer(hidden).squeeze(-1)
+
+    @torch.jit.unused
+    def energy_and_input_gradient(self, features: Tensor) -> Tuple[Tensor, Tensor]:
+        """Energies ``(batch,)`` and their gradients ∂U/∂φ ``(batch, n_features)`` at ``features``.
+
+        For the activations of :data:`~openmm_flowmatch.forcefield.input_gradient.DERIVATIVES`
+        (all of ``ACTIVATIONS``) the gradient comes from an explicit reverse pass whose own
+        backward pass is written out too, so a loss on it costs one backward pass instead of a
+        double back-propagation (see :mod:`~openmm_flowmatch.forcefield.input_gradient`); other
+        activations go through ``torch.autograd.grad``. Either way the result can be
+        differentiated once more (parameters, features) when grad mode is on. Training only:
+        not part of the scripted or exported network.
+
+        Parameters
+        ----------
+        features
+            Standardised features ``(batch, n_features)``.
+        """
+        from .input_gradient import DERIVATIVES, explicit_input_gradient
+
+        derivatives = DERIVATIVES.get(self.activation_name.lower())
+        if derivatives is not None:
+            layers = [self.input_layer] + [block.linear for block in self.residual_layers]
+            return explicit_input_gradient(derivatives, features, self.output_layer, layers)
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            inputs = features if features.requires_grad else features.detach().requires_grad_(True)
+            energy = self.energy_from_features(inputs)
+            (gradient,) = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph)
+        return (energy if create_graph else energy.detach()), gradient
 
 
 class MessagePassingNet(nn.Module):
