@@ -40,7 +40,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -51,22 +50,13 @@ from typing import Any, Sequence
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data_efficiency import atomic_write_json as write_json  # noqa: E402
+from data_efficiency import read_json  # noqa: E402
 
 logger = logging.getLogger("offload_training")
 JOBS_FILE = "jobs.json"
 OFFLOADED_RECORD = "offloaded_training.json"
 """Written beside an adopted checkpoint: the job, the device, steps and seconds there."""
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
-
-
-def write_json(path: Path, payload: Any) -> None:
-    path = Path(path)
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_text(json.dumps(payload, indent=1, sort_keys=True))
-    os.replace(temporary, path)
 
 
 # ------------------------------------------------------------------------------------------ prepare
