@@ -120,8 +120,9 @@ class SweepConfig(BudgetConfig):
     max_doublings: int = 1
     # seeds whose ladder goes one doubling further (the 4× evidence of the issue, on seed 0 across N)
     extra_doubling_seeds: list = field(default_factory=lambda: [0])
-    # sizes at which force matching keeps doubling its chosen cell's budget until a doubling is
-    # converged, up to 2 ** value × base_steps ({"all": 5}: up to 32 ×); keys are sizes as in ``sizes``
+    # sizes at which force matching keeps doubling its chosen cell's budget until it is converged
+    # (see extended_ladder_confirmations), up to 2 ** value × base_steps ({"all": 6}: up to 64 ×);
+    # keys are sizes as in ``sizes``
     force_matching_doublings_by_size: dict = field(default_factory=dict)
     # on those extended ladders a budget is converged only when this many successive doublings
     # after it each stay within their error (one such doubling can be luck when every doubling
@@ -136,8 +137,8 @@ class SweepConfig(BudgetConfig):
 
 
 MUTABLE = ("sizes", "seeds", "sizes_by_seed", "threads", "max_doublings", "extra_doubling_seeds",
-           "force_matching_doublings_by_size", "extended_ladder_confirmations", "threshold_sensitivity", "sensitivity_sizes", "lipschitz_limits",
-           "simulate_grid_seeds")
+           "force_matching_doublings_by_size", "extended_ladder_confirmations", "threshold_sensitivity",
+           "sensitivity_sizes", "lipschitz_limits", "simulate_grid_seeds")
 
 
 # ------------------------------------------------------------------------------------- data
