@@ -145,6 +145,11 @@ def _worker(rank: int, world_size: int, port: int, task: str, options: dict, out
     except (DistributedError, ValueError) as error:
         result = {"error": f"{type(error).__name__}: {error}"}
     torch.save(result, os.path.join(out_dir, f"{task}-rank{rank}.pt"))
+    # a multiprocessing child ends with os._exit, which skips the package's atexit shutdown of the
+    # process group (what torchrun's ranks run): do it here, or gloo's threads may abort the exit
+    from openmm_flowmatch.distributed import _shutdown
+
+    _shutdown()
 
 
 def free_port() -> int:
