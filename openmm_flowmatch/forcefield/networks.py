@@ -220,6 +220,17 @@ def _project_linear_layers(module: nn.Module, bound: float, exact: bool = False)
             layer.weight.div_(scale)
 
 
+def autograd_input_gradient(energy_from_features: Any, features: Tensor,
+                            create_graph: bool) -> Tuple[Tensor, Tensor]:
+    """Energies ``(batch,)`` and ∂U/∂φ ``(batch, F)`` of ``energy_from_features`` by autograd
+    (differentiable once more, by double back-propagation, when ``create_graph``)."""
+    with torch.enable_grad():
+        inputs = features if features.requires_grad else features.detach().requires_grad_(True)
+        energy = energy_from_features(inputs)
+        (gradient,) = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph)
+    return (energy if create_graph else energy.detach()), gradient
+
+
 class ResidualBlock(nn.Module):
     """``h + activation(W h + b)`` at constant width."""
 
@@ -347,12 +358,7 @@ class CGNet(nn.Module):
         if derivatives is not None:
             layers = [self.input_layer] + [block.linear for block in self.residual_layers]
             return explicit_input_gradient(derivatives, features, self.output_layer, layers)
-        create_graph = torch.is_grad_enabled()
-        with torch.enable_grad():
-            inputs = features if features.requires_grad else features.detach().requires_grad_(True)
-            energy = self.energy_from_features(inputs)
-            (gradient,) = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph)
-        return (energy if create_graph else energy.detach()), gradient
+        return autograd_input_gradient(self.energy_from_features, features, torch.is_grad_enabled())
 
 
 class MessagePassingNet(nn.Module):

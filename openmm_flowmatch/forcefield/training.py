@@ -47,7 +47,7 @@ from ..distributed import (
     SINGLE_PROCESS, Ranks, all_reduce_gradients, check_consistent, resolve_device, setup_distributed, sum_over_chunks,
 )
 from .features import DEFAULT_FEATURE_SETS, InvariantFeatures, feature_set_options
-from .networks import CGNet
+from .networks import CGNet, autograd_input_gradient
 
 __all__ = [
     "train_force_field", "TrainingError", "force_matching_loss", "forces_of", "METHODS", "feature_jacobians",
@@ -199,10 +199,7 @@ def forces_from_features(model: nn.Module, features: Tensor, jacobian: Tensor, c
         with torch.set_grad_enabled(create_graph):
             _, gradient = model.energy_and_input_gradient(features.detach())
     else:
-        with torch.enable_grad():
-            inputs = features.detach().requires_grad_(True)
-            energy = model.energy_from_features(inputs)
-            (gradient,) = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph)
+        _, gradient = autograd_input_gradient(model.energy_from_features, features.detach(), create_graph)
     return -torch.bmm(gradient.unsqueeze(1), jacobian).squeeze(1)
 
 
