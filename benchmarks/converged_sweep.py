@@ -71,6 +71,8 @@ import budget_convergence  # noqa: E402
 from budget_convergence import (  # noqa: E402
     BudgetConfig,
     Validation,
+    flow_nll,
+    nll_summary,
     production_replicas,
     select_validation,
     stage_metrics,
@@ -128,7 +130,11 @@ class SweepConfig(BudgetConfig):
     # after it each stay within their error (one such doubling can be luck when every doubling
     # gains about one error bar)
     extended_ladder_confirmations: int = 2
-    flow_doubling: bool = False
+    flow_doubling: bool = False  # (budget_convergence's NLL-only doubling; here see flow_doublings_by_size)
+    # sizes at which flow-matching's flow is trained again at 2 ×, 4 ×, … flow_steps (up to
+    # 2 ** value ×) until a doubling changes its NLL on the scoring half by less than the paired
+    # error; the teacher and the CG network come from that flow ({"all": 1}: 1 × and 2 ×)
+    flow_doublings_by_size: dict = field(default_factory=dict)
     # outlier-threshold sensitivity of flow-matching (seed 0 only): other quantiles, "none" = keep every sample
     threshold_sensitivity: list = field(default_factory=lambda: [0.99, "none"])
     sensitivity_sizes: list = field(default_factory=lambda: [1000, 10000])
@@ -137,7 +143,7 @@ class SweepConfig(BudgetConfig):
 
 
 MUTABLE = ("sizes", "seeds", "sizes_by_seed", "threads", "max_doublings", "extra_doubling_seeds",
-           "force_matching_doublings_by_size", "extended_ladder_confirmations", "threshold_sensitivity",
+           "force_matching_doublings_by_size", "flow_doublings_by_size", "extended_ladder_confirmations", "threshold_sensitivity",
            "sensitivity_sizes", "lipschitz_limits", "simulate_grid_seeds")
 
 
@@ -303,32 +309,87 @@ def force_matching_unit(unit: Path, data: tuple, priors: Any, mapping: Any, conf
             "model_directory": str((chosen / ladder["model"]).relative_to(unit))}
 
 
+def flow_nll_stage(directory: Path, scoring: Validation, config: SweepConfig, seed: int) -> dict:
+    """The flow's −log q on the scoring half's frames (saved per frame for paired differences)."""
+    nll = flow_nll(directory / "flow" / "flow.pt", scoring.positions)
+    np.save(directory / "flow" / "scoring_nll.npy", nll)
+    return {"scoring_nll": nll_summary(nll, dataclasses.replace(config, seed=seed)), "frames": int(nll.size)}
+
+
+def flow_ladder(unit: Path, positions: np.ndarray, config: SweepConfig, seed: int, scoring: Validation | None,
+                log: StageLog, tag: str, doublings: int) -> dict:
+    """Train the flow at ``flow_steps`` × 1, 2, 4, … (up to ``2 ** doublings``) until a doubling
+    changes its scoring-half NLL by less than the paired block-bootstrap error.
+
+    Rung 1 × lives in ``unit`` (``unit/flow``), rung k × in ``unit/flow_x{k}``. The flow of the
+    first converged budget, else of the largest, is the one the teacher comes from. Without
+    doublings (or without a scoring set) only the 1 × flow is trained and no NLL is computed.
+    """
+    from openmm_flowmatch.forcefield.convergence import is_converged, paired_loss_difference
+
+    rungs, pairs, converged_at = [], [], None
+    for doubling in range(int(doublings) + 1):
+        multiplier = 2 ** doubling
+        directory = unit if doubling == 0 else unit / f"flow_x{multiplier}"
+        protocol = dataclasses.replace(config, seed=seed, flow_steps=multiplier * config.flow_steps).protocol()
+        record = log.run_stage(f"{tag}: flow" + (f" at {multiplier}x" if doubling else ""),
+                               directory / "flow" / "flow.json",
+                               lambda d=directory, p=protocol: stage_flow(d, positions, p, seed))
+        rung = {"flow_steps": multiplier * config.flow_steps, "directory": str(directory.relative_to(unit)),
+                **{k: record.get(k) for k in ("epochs_budget", "epochs", "best_epoch", "training_seconds")}}
+        rungs.append(rung)
+        if not doublings or scoring is None:
+            break
+        rung.update(log.run_stage(f"{tag}: flow NLL at {multiplier}x", directory / "flow" / "scoring_nll.json",
+                                  lambda d=directory: flow_nll_stage(d, scoring, config, seed)))
+        if doubling == 0:
+            continue
+        before, after = (np.load(unit / r["directory"] / "flow" / "scoring_nll.npy") for r in rungs[-2:])
+        finite = np.isfinite(before) & np.isfinite(after)
+        difference, error = paired_loss_difference(after[finite], before[finite],
+                                                   min(config.block_size, int(finite.sum())), config.n_bootstrap, seed)
+        pairs.append({"from_steps": rungs[-2]["flow_steps"], "to_steps": rung["flow_steps"], "difference": difference,
+                      "se": error, "frames_compared": int(finite.sum()),
+                      "converged": is_converged(float(before[finite].mean()), float(after[finite].mean()), error)})
+        if pairs[-1]["converged"]:
+            converged_at = pairs[-1]["from_steps"]
+            break
+    chosen = next((r for r in rungs if r["flow_steps"] == converged_at), rungs[-1])
+    return {"rungs": rungs, "pairs": pairs, "converged_at_steps": converged_at, "flow": chosen["directory"],
+            "verdict": "one budget only" if len(rungs) == 1 else f"converged at {converged_at} steps"
+            if converged_at is not None else f"not converged up to {rungs[-1]['flow_steps']} steps"}
+
+
 def flow_matching_unit(unit: Path, positions: np.ndarray, forces: np.ndarray, priors: Any, mapping: Any,
                        config: SweepConfig, seed: int, reference: np.ndarray, scoring: Validation, log: StageLog,
-                       tag: str) -> dict:
-    """Flow, threshold, teacher (no all-atom force used), then the CG network's budget ladder."""
+                       tag: str, flow_doublings: int = 0) -> dict:
+    """Flow (its own budget ladder with ``flow_doublings``), threshold, teacher (no all-atom force
+    used), then the CG network's budget ladder, all in the chosen flow's directory."""
     from openmm_flowmatch.data.storage import read_cg_file
 
     seeded = dataclasses.replace(config, seed=seed)
-    protocol = seeded.protocol()
-    log.run_stage(f"{tag}: flow", unit / "flow" / "flow.json", lambda: stage_flow(unit, positions, protocol, seed))
-    threshold = log.run_stage(f"{tag}: outlier threshold", unit / "flow" / "threshold.json",
-                              lambda: stage_threshold(unit, positions, forces, seeded))
+    flows = flow_ladder(unit, positions, config, seed, scoring, log, tag, flow_doublings)
+    home = unit / flows["flow"]
+    protocol = dataclasses.replace(seeded, flow_steps=next(
+        r["flow_steps"] for r in flows["rungs"] if r["directory"] == flows["flow"])).protocol()
+    threshold = log.run_stage(f"{tag}: outlier threshold", home / "flow" / "threshold.json",
+                              lambda: stage_threshold(home, positions, forces, seeded))
     teacher_protocol = dataclasses.replace(protocol, force_threshold=threshold["force_threshold_kT2_per_nm2"])
-    log.run_stage(f"{tag}: teacher", unit / "flow" / "teacher.json",
-                  lambda: stage_teacher(unit, reference, teacher_protocol, seed))
-    teacher = read_cg_file(unit / "flow" / "teacher.h5")
+    log.run_stage(f"{tag}: teacher", home / "flow" / "teacher.json",
+                  lambda: stage_teacher(home, reference, teacher_protocol, seed))
+    teacher = read_cg_file(home / "flow" / "teacher.h5")
     data = (np.asarray(teacher["positions"]), np.asarray(teacher["forces"]))
-    teacher_metrics = log.run_stage(f"{tag}: teacher vs reference", unit / "flow" / "teacher_metrics.json",
+    teacher_metrics = log.run_stage(f"{tag}: teacher vs reference", home / "flow" / "teacher_metrics.json",
                                     lambda: phi_psi_metrics(reference, data[0], config.temperature))
 
     def train(path: Path, steps: int) -> dict:
         return stage_train(path, data, priors, mapping, config, seed, "flow-matching", steps,
                            config.lipschitz_bound, 0.0, None, scoring)
 
-    ladder = doubling_ladder(unit / "network", train, config, seed, log, tag)
-    return {"ladder": ladder, "model_directory": f"network/{ladder['model']}", "teacher_vs_reference": teacher_metrics,
-            "threshold": threshold, "teacher_positions": data[0]}
+    ladder = doubling_ladder(home / "network", train, config, seed, log, tag)
+    model = (home / "network" / ladder["model"]).relative_to(unit)
+    return {"ladder": ladder, "model_directory": str(model), "teacher_vs_reference": teacher_metrics,
+            "threshold": threshold, "flow_ladder": flows, "teacher_positions": data[0]}
 
 
 def threshold_variant(unit: Path, positions: np.ndarray, forces: np.ndarray, priors: Any, mapping: Any,
@@ -498,7 +559,9 @@ def run_unit(work: Path, split: Any, mapping: Any, config: SweepConfig, seed: in
         else:
             reuse_seed0_flows(reuse_flows if seed == 0 else None, work, n_frames)
             outcome = flow_matching_unit(unit / method, positions, forces, priors, mapping, config, seed, reference,
-                                         halves[1], log, f"{tag}, FlM")
+                                         halves[1], log, f"{tag}, FlM",
+                                         doublings_at_size(config.flow_doublings_by_size, 0, n_frames,
+                                                           split.pool.n_frames))
             teacher = outcome.pop("teacher_positions")
         atomic_write_json(unit / method / "outcome.json", outcome)
         ladder_directory = (unit / method / outcome["model_directory"]).parent
@@ -556,12 +619,17 @@ def run_benchmark(data_directory: Path, work: Path, config: SweepConfig, pdb: Pa
     return log
 
 
+def doublings_at_size(by_size: dict, default: int, n_frames: int, pool_frames: int) -> int:
+    """The largest of ``default`` and the ``by_size`` entries ({size: doublings}, sizes as in
+    ``sizes``) of ``n_frames``."""
+    extended = [int(doublings) for size, doublings in by_size.items() if resolve_size(size, pool_frames) == n_frames]
+    return max([int(default), *extended])
+
+
 def force_matching_doublings(config: SweepConfig, n_frames: int, pool_frames: int) -> int:
     """How many doublings force matching's ladder may take at ``n_frames``: the largest of
     ``max_doublings`` and ``force_matching_doublings_by_size`` of that size."""
-    extended = [int(doublings) for size, doublings in config.force_matching_doublings_by_size.items()
-                if resolve_size(size, pool_frames) == n_frames]
-    return max([config.max_doublings, *extended])
+    return doublings_at_size(config.force_matching_doublings_by_size, config.max_doublings, n_frames, pool_frames)
 
 
 def unit_sizes(config: SweepConfig, seed: int, pool_frames: int) -> list[int]:
@@ -691,6 +759,7 @@ def summarize(records: list[dict]) -> list[dict]:
                                         )["scoring_loss"] for r in group]}
         if method == "flow-matching":
             values["teacher_js"] = [r["teacher_vs_reference"]["js_divergence"] for r in group]
+            row["flow"] = [(r.get("flow_ladder") or {}).get("verdict", "one budget only") for r in group]
         if method == "force-matching":
             row["chosen_cells"] = [r["chosen_cell"] for r in group]
         for name, items in values.items():
@@ -825,6 +894,20 @@ def markdown_table(results: dict) -> str:
                 f"{' / '.join(format(b['kinetic_temperature'], '.1f') for b in row['budgets'])} | "
                 f"{'; '.join(format(p['difference'], '.0f') + ' ± ' + format(p['se'], '.0f') + (' (yes)' if p['converged'] else '') for p in row['loss_pairs'])} | "
                 f"{row['model_steps']} |")
+    flows = [r for r in results["results"] if len((r.get("flow_ladder") or {}).get("rungs", [])) > 1]
+    if flows:
+        lines += ["", "| seed | N | flow steps | epochs run / budget (best) | scoring-half NLL ± se (nats) | "
+                      "NLL change per doubling ± se (converged?) | teacher from |", "|---:|---:|---|---|---|---|---|"]
+        for record in flows:
+            ladder = record["flow_ladder"]
+            rungs = ladder["rungs"]
+            chosen = next(r["flow_steps"] for r in rungs if r["directory"] == ladder["flow"])
+            epochs = " / ".join(f"{r['epochs']} of {r['epochs_budget']} ({r['best_epoch']})" for r in rungs)
+            nll = " / ".join(f"{r['scoring_nll']['mean']:.4f} ± {r['scoring_nll']['se']:.4f}" for r in rungs)
+            changes = "; ".join(f"{p['difference']:.4f} ± {p['se']:.4f}" + (" (yes)" if p["converged"] else "")
+                                for p in ladder["pairs"])
+            lines.append(f"| {record['seed']} | {record['n_frames']} | "
+                         f"{' / '.join(str(r['flow_steps']) for r in rungs)} | {epochs} | {nll} | {changes} | {chosen} |")
     floor = results.get("floor") or {}
     if floor.get("js_divergence") is not None:
         lines += ["", f"Floor (held-out run 1 vs run 2): JS {floor['js_divergence']:.3g}, FES MSE {floor['fes_mse']:.3g}"]

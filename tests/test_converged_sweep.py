@@ -341,3 +341,44 @@ def test_rerun_is_cached_and_changed_settings_are_refused(benchmark, finished_ru
     assert {path: path.stat().st_mtime_ns for path in artifacts} == artifacts
     assert benchmark.main([*argv, "base_steps=7"]) == 2
     benchmark.check_work_config(work, benchmark.apply_settings(benchmark.SweepConfig(), [*TINY, "seeds=[0,1,2]"]))
+
+
+def test_flow_ladder_doubles_the_flow_and_judges_it_by_the_paired_scoring_nll(benchmark, data_directory, tmp_path):
+    config = benchmark.apply_settings(benchmark.SweepConfig(), TINY)
+    split = benchmark.load_split(data_directory, config.protocol())
+    _, scoring = benchmark.validation_halves(benchmark.select_validation(split, config), config.block_size)
+    positions = split.pool.positions[:60]
+    log = benchmark.StageLog()
+    single = benchmark.flow_ladder(tmp_path / "single", positions, config, 0, scoring, log, "t", 0)
+    assert single["verdict"] == "one budget only" and single["flow"] == "."
+    assert not (tmp_path / "single" / "flow" / "scoring_nll.npy").exists()  # no doublings: no NLL computed
+
+    ladder = benchmark.flow_ladder(tmp_path / "unit", positions, config, 0, scoring, log, "t", 1)
+    first, second = ladder["rungs"]
+    assert (first["flow_steps"], second["flow_steps"]) == (4, 8) and second["directory"] == "flow_x2"
+    assert (tmp_path / "unit" / "flow_x2" / "flow" / "flow.pt").exists()
+    nll = [np.load(tmp_path / "unit" / r["directory"] / "flow" / "scoring_nll.npy") for r in ladder["rungs"]]
+    assert all(len(values) == len(scoring.positions) for values in nll)
+    finite = np.isfinite(nll[0]) & np.isfinite(nll[1])
+    pair = ladder["pairs"][0]
+    assert pair["difference"] == pytest.approx(float(np.mean(nll[1][finite] - nll[0][finite])))
+    assert pair["converged"] == (abs(pair["difference"]) < pair["se"])
+    assert ladder["flow"] == (first["directory"] if pair["converged"] else "flow_x2")
+    assert ladder["converged_at_steps"] == (4 if pair["converged"] else None)
+
+    # a doubling that moves the NLL by far more than its error: not converged, the larger flow is used
+    shifted = tmp_path / "shifted"
+    benchmark.flow_ladder(shifted, positions, config, 0, scoring, log, "t", 1)
+    np.save(shifted / "flow_x2" / "flow" / "scoring_nll.npy",
+            np.load(shifted / "flow" / "scoring_nll.npy") - 10.0)
+    rerun = benchmark.flow_ladder(shifted, positions, config, 0, scoring, log, "t", 1)  # stages cached, pair recomputed
+    assert rerun["pairs"][0]["difference"] == pytest.approx(-10.0) and not rerun["pairs"][0]["converged"]
+    assert rerun["flow"] == "flow_x2" and rerun["verdict"] == "not converged up to 8 steps"
+
+
+def test_doublings_at_size_takes_the_largest_entry_of_that_size(benchmark):
+    by_size = {"all": 3, "1000": 2}
+    assert benchmark.doublings_at_size(by_size, 1, 5000, 5000) == 3
+    assert benchmark.doublings_at_size(by_size, 1, 1000, 5000) == 2
+    assert benchmark.doublings_at_size(by_size, 1, 3000, 5000) == 1
+    assert benchmark.doublings_at_size({}, 0, 3000, 5000) == 0

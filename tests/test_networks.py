@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -229,6 +231,35 @@ def test_warm_started_projection_keeps_the_bound_during_training():
                 assert float(torch.linalg.svdvals(layer.weight.detach().double())[0]) <= 1.0 * (1 + 1e-6)
     norms = [float(torch.linalg.svdvals(layer.weight.detach())[0]) for layer in model.modules() if isinstance(layer, torch.nn.Linear)]
     assert max(norms) == pytest.approx(1.0, rel=1e-6)  # the bound is active, not over-shot
+
+
+def test_power_iteration_tolerance_is_the_weights_epsilon_and_keeps_float32_projection_exact():
+    """float32 weights iterate to float32's epsilon (the estimate within ~half of it), float64 to
+    POWER_ITERATION_TOLERANCE; the projected float32 weights equal the exactly projected ones up
+    to their own rounding, float64 ones to the tolerance."""
+    from openmm_flowmatch.forcefield.networks import POWER_ITERATION_TOLERANCE, power_iteration_tolerance
+
+    assert power_iteration_tolerance(torch.float64) == POWER_ITERATION_TOLERANCE == 1e-9
+    assert power_iteration_tolerance(torch.float32) == float(torch.finfo(torch.float32).eps)
+    for dtype in (torch.float32, torch.float64):
+        torch.manual_seed(1)
+        model = make_cgnet(hidden_width=96, n_layers=4, lipschitz_bound=1.0).to(dtype)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        positions = random_chains(64, 5, seed=4).to(dtype)
+        model.project_lipschitz(exact=True)  # stores the warm-start vectors
+        for _ in range(15):
+            optimizer.zero_grad()
+            moving = positions.detach().requires_grad_(True)
+            (gradient,) = torch.autograd.grad(model(moving).sum(), moving, create_graph=True)
+            (gradient**2).mean().neg().backward()  # push the weights up: the bound stays active
+            optimizer.step()
+            exact = copy.deepcopy(model)
+            exact.project_lipschitz(exact=True)
+            model.project_lipschitz()  # the warm-started power iteration
+            # float32: two ulps (the dtype's rounding); float64: the tolerance itself
+            tolerance = max(2 * float(torch.finfo(dtype).eps), power_iteration_tolerance(dtype))
+            for estimated, reference in zip(model.parameters(), exact.parameters()):
+                torch.testing.assert_close(estimated, reference, rtol=tolerance, atol=tolerance * float(reference.abs().max()))
 
 
 def test_projection_state_leaves_state_dict_and_scripting_alone():

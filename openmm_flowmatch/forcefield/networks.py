@@ -32,7 +32,7 @@ from .features import FeatureError, InvariantFeatures, _dihedral_quadruples, _va
 
 __all__ = [
     "CGNet", "MessagePassingNet", "network_from_config", "save_network", "load_network", "NetworkFileError",
-    "ACTIVATIONS", "power_iteration_spectral_norm", "exact_spectral_norm", "largest_singular_value",
+    "ACTIVATIONS", "power_iteration_spectral_norm", "power_iteration_tolerance", "exact_spectral_norm", "largest_singular_value",
 ]
 
 NETWORK_FILE_KIND = "openmm_flowmatch.network"
@@ -55,8 +55,22 @@ def _activation(name: str) -> nn.Module:
 
 POWER_ITERATION_TOLERANCE: float = 1e-9
 """Relative change of the largest-singular-value estimate between two power iterations below
-which the estimate counts as converged (float64 arithmetic; the estimate is then within about
-1e-7 relative of the exact value, see tests/test_networks.py)."""
+which the estimate of a float64 weight counts as converged (the estimate is then within about
+1e-9 relative of the exact value, see tests/test_networks.py); for weights of a coarser dtype the
+tolerance is that dtype's machine epsilon (see :func:`power_iteration_tolerance`)."""
+
+
+def power_iteration_tolerance(dtype: torch.dtype) -> float:
+    """The power-iteration tolerance for weights of ``dtype``: ``POWER_ITERATION_TOLERANCE`` or the
+    dtype's machine epsilon, whichever is larger.
+
+    The converged estimate is then within about half an epsilon of the exact norm (float32:
+    ~6e-8 relative), so a projected weight equals the exactly projected one up to the rounding
+    of its own dtype; a tighter tolerance only costs iterations (float32: ~7 instead of ~4 per
+    training step).
+    """
+    return max(POWER_ITERATION_TOLERANCE, float(torch.finfo(dtype).eps))
+
 
 POWER_ITERATION_MAX_STEPS: int = 50
 """Power iterations per projection before the layers not yet converged fall back to the exact norm."""
@@ -65,7 +79,7 @@ EXACT_NORM_MAX_SIDE: int = 64
 """Weights with a side this short or shorter always get the exact norm (a tiny eigenproblem, see
 :func:`largest_singular_value`), and no power iteration."""
 
-_LEFT_VECTOR, _RIGHT_VECTOR = "_lipschitz_left_vector", "_lipschitz_right_vector"
+_RIGHT_VECTOR = "_lipschitz_right_vector"
 
 
 def exact_spectral_norm(weight: Tensor) -> tuple[float, Tensor, Tensor]:
@@ -106,7 +120,7 @@ def largest_singular_value(weight: Tensor) -> float:
 
 def power_iteration_spectral_norm(
     weight: Tensor,
-    left: Tensor,
+    left: Optional[Tensor],
     right: Tensor,
     max_iterations: int = POWER_ITERATION_MAX_STEPS,
     tolerance: float = POWER_ITERATION_TOLERANCE,
@@ -119,7 +133,8 @@ def power_iteration_spectral_norm(
         Matrix ``(out, in)`` or a stack ``(k, out, in)``; the iteration runs in float64.
     left, right
         Current estimates of the leading left ``(…, out)`` and right ``(…, in)`` singular
-        vectors (the warm start; need not be normalised).
+        vectors (the warm start; need not be normalised). Only ``right`` is used (the first
+        iteration replaces ``left``); ``left`` may be ``None``.
     max_iterations
         Upper limit on the number of iterations (at least 2 are done).
     tolerance
@@ -160,15 +175,15 @@ def power_iteration_spectral_norm(
     return sigma, left, right, flags
 
 
-def _store_vectors(layer: nn.Linear, left: Tensor, right: Tensor) -> None:
-    """Keep the singular-vector estimates on the layer as non-persistent buffers (so state_dicts
-    and scripted modules are unchanged in content, and the vectors move with ``.to()``)."""
-    for name, vector in ((_LEFT_VECTOR, left), (_RIGHT_VECTOR, right)):
-        vector = vector.detach().to(device=layer.weight.device, dtype=layer.weight.dtype)
-        if name in layer._buffers:
-            layer._buffers[name] = vector
-        else:
-            layer.register_buffer(name, vector, persistent=False)
+def _store_vector(layer: nn.Linear, right: Tensor) -> None:
+    """Keep the right singular-vector estimate (the next warm start) on the layer as a
+    non-persistent buffer (so state_dicts and scripted modules are unchanged in content, and the
+    vector moves with ``.to()``)."""
+    vector = right.detach().to(device=layer.weight.device, dtype=layer.weight.dtype)
+    if _RIGHT_VECTOR in layer._buffers:
+        layer._buffers[_RIGHT_VECTOR] = vector
+    else:
+        layer.register_buffer(_RIGHT_VECTOR, vector, persistent=False)
 
 
 def _has_vectors(layer: nn.Linear) -> bool:
@@ -190,17 +205,18 @@ def _spectral_norms(layers: List[nn.Linear], exact: bool) -> List[float]:
             groups.setdefault(tuple(layer.weight.shape), []).append(index)
     for members in groups.values():
         weights = torch.stack([layers[index].weight.detach() for index in members])
-        lefts = torch.stack([layers[index]._buffers[_LEFT_VECTOR] for index in members])
         rights = torch.stack([layers[index]._buffers[_RIGHT_VECTOR] for index in members])
-        sigma, lefts, rights, converged = power_iteration_spectral_norm(weights, lefts, rights)
+        tolerance = power_iteration_tolerance(weights.dtype)
+        sigma, _, rights, converged = power_iteration_spectral_norm(weights, None, rights, tolerance=tolerance)
+        rights = rights.to(weights.dtype)  # one conversion for the whole group
         for position, (index, value, done) in enumerate(zip(members, sigma.tolist(), converged.tolist())):
             if done:
                 norms[index] = value
-                _store_vectors(layers[index], lefts[position], rights[position])
+                _store_vector(layers[index], rights[position])
     for index, layer in enumerate(layers):
         if index not in norms:
-            norms[index], left, right = exact_spectral_norm(layer.weight)
-            _store_vectors(layer, left, right)
+            norms[index], _, right = exact_spectral_norm(layer.weight)
+            _store_vector(layer, right)
     return [norms[index] for index in range(len(layers))]
 
 
@@ -210,7 +226,7 @@ def _project_linear_layers(module: nn.Module, bound: float, exact: bool = False)
 
     The norms come from a warm-started power iteration (a few float64 matrix-vector products per
     layer, batched over layers of one shape) that falls back to the exact norm for layers whose
-    estimate has not converged to ``POWER_ITERATION_TOLERANCE``; ``exact=True`` always uses the
+    estimate has not converged to :func:`power_iteration_tolerance`; ``exact=True`` always uses the
     exact norm (eigendecomposition of the float64 Gram matrix).
     """
     layers = [layer for layer in module.modules() if isinstance(layer, nn.Linear)]
