@@ -362,11 +362,12 @@ def test_flow_ladder_doubles_the_flow_and_judges_it_by_the_paired_scoring_nll(be
     finite = np.isfinite(nll[0]) & np.isfinite(nll[1])
     pair = ladder["pairs"][0]
     assert pair["difference"] == pytest.approx(float(np.mean(nll[1][finite] - nll[0][finite])))
-    assert pair["converged"] == (abs(pair["difference"]) < pair["se"])
+    assert pair["converged"] == (pair["difference"] > -pair["se"])  # one-sided: no improvement beyond its error
     assert ladder["flow"] == (first["directory"] if pair["converged"] else "flow_x2")
     assert ladder["converged_at_steps"] == (4 if pair["converged"] else None)
 
-    # a doubling that moves the NLL by far more than its error: not converged, the larger flow is used
+    # a doubling that lowers the NLL by far more than its error: not converged, the larger flow is used;
+    # one that raises it as much: converged (more budget does not help), the smaller flow is used
     shifted = tmp_path / "shifted"
     benchmark.flow_ladder(shifted, positions, config, 0, scoring, log, "t", 1)
     np.save(shifted / "flow_x2" / "flow" / "scoring_nll.npy",
@@ -374,6 +375,10 @@ def test_flow_ladder_doubles_the_flow_and_judges_it_by_the_paired_scoring_nll(be
     rerun = benchmark.flow_ladder(shifted, positions, config, 0, scoring, log, "t", 1)  # stages cached, pair recomputed
     assert rerun["pairs"][0]["difference"] == pytest.approx(-10.0) and not rerun["pairs"][0]["converged"]
     assert rerun["flow"] == "flow_x2" and rerun["verdict"] == "not converged up to 8 steps"
+    np.save(shifted / "flow_x2" / "flow" / "scoring_nll.npy", np.load(shifted / "flow" / "scoring_nll.npy") + 10.0)
+    worse = benchmark.flow_ladder(shifted, positions, config, 0, scoring, log, "t", 1)
+    assert worse["pairs"][0]["difference"] == pytest.approx(10.0) and worse["pairs"][0]["converged"]
+    assert worse["flow"] == "." and worse["verdict"] == "converged at 4 steps"
 
 
 def test_doublings_at_size_takes_the_largest_entry_of_that_size(benchmark):
@@ -382,3 +387,34 @@ def test_doublings_at_size_takes_the_largest_entry_of_that_size(benchmark):
     assert benchmark.doublings_at_size(by_size, 1, 1000, 5000) == 2
     assert benchmark.doublings_at_size(by_size, 1, 3000, 5000) == 1
     assert benchmark.doublings_at_size({}, 0, 3000, 5000) == 0
+
+
+def test_flow_matching_from_another_work_directory_replaces_only_its_flow_matching_units(benchmark, finished_run,
+                                                                                         tmp_path):
+    import shutil
+
+    work, _, _ = finished_run
+    other = tmp_path / "longer_flows"
+    shutil.copytree(work, other, ignore=shutil.ignore_patterns("*.lock"))
+    # the other directory's flow-matching model of seed 1 scores differently, and it has no force matching
+    shutil.rmtree(other / "seed1" / "n60" / "force-matching")
+    shutil.rmtree(other / "seed0")
+    outcome = json.loads((other / "seed1" / "n60" / "flow-matching" / "outcome.json").read_text())
+    model = other / "seed1" / "n60" / "flow-matching" / outcome["model_directory"]
+    run = model / "half_step" if (model / "half_step" / "js_bootstrap.json").exists() else model
+    spread = json.loads((run / "js_bootstrap.json").read_text())
+    spread["se"] = 12.5
+    (run / "js_bootstrap.json").write_text(json.dumps(spread))
+    merged = benchmark.write_results(work, tmp_path / "results", "cmd", flow_matching_from=other)
+    by_unit = {(r["seed"], r["method"]): r for r in merged["results"]}
+    assert set(by_unit) == {(s, m) for s in (0, 1) for m in ("force-matching", "flow-matching")}
+    assert by_unit[(1, "flow-matching")]["from"] == "flow_matching_from" and by_unit[(1, "flow-matching")]["js_se"] == 12.5
+    assert "from" not in by_unit[(0, "flow-matching")] and "from" not in by_unit[(1, "force-matching")]
+    assert merged["flow_matching_from"]["units"] == [[1, 60]]
+    alone = benchmark.write_results(work, tmp_path / "alone", "cmd")
+    assert {r["js_se"] for r in alone["results"] if r["seed"] == 1 and r["method"] == "flow-matching"} != {12.5}
+    # another data split is refused
+    split = json.loads((other / "split.json").read_text())
+    (other / "split.json").write_text(json.dumps({**split, "pool_frames": split["pool_frames"] + 1}))
+    with pytest.raises(benchmark.ProtocolError, match="another data split"):
+        benchmark.write_results(work, tmp_path / "refused", "cmd", flow_matching_from=other)
