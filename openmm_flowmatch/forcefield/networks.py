@@ -56,7 +56,8 @@ def _activation(name: str) -> nn.Module:
 POWER_ITERATION_TOLERANCE: float = 1e-9
 """Relative change of the largest-singular-value estimate between two power iterations below
 which the estimate of a float64 weight counts as converged (the estimate is then within about
-1e-9 relative of the exact value, see tests/test_networks.py); for weights of a coarser dtype the
+half of it of the exact value: ≤ 4.3e-10 relative over 300 training steps of the alanine-dipeptide
+CGNet, see tests/test_networks.py); for weights of a coarser dtype the
 tolerance is that dtype's machine epsilon (see :func:`power_iteration_tolerance`)."""
 
 
@@ -65,9 +66,9 @@ def power_iteration_tolerance(dtype: torch.dtype) -> float:
     dtype's machine epsilon, whichever is larger.
 
     The converged estimate is then within about half an epsilon of the exact norm (float32:
-    ~6e-8 relative), so a projected weight equals the exactly projected one up to the rounding
-    of its own dtype; a tighter tolerance only costs iterations (float32: ~7 instead of ~4 per
-    training step).
+    ≤ 4.7e-8 relative over 300 training steps), so a projected weight equals the exactly projected one up to the rounding
+    of its own dtype; a tighter tolerance only costs iterations (float32, the training-speed
+    benchmark's first 200 steps: 4.5 iterations per step on average instead of 7.1 at 1e-9).
     """
     return max(POWER_ITERATION_TOLERANCE, float(torch.finfo(dtype).eps))
 
