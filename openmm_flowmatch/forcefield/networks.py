@@ -66,9 +66,10 @@ def power_iteration_tolerance(dtype: torch.dtype) -> float:
     dtype's machine epsilon, whichever is larger.
 
     The converged estimate is then within about half an epsilon of the exact norm (float32:
-    ≤ 4.7e-8 relative over 300 training steps), so a projected weight equals the exactly projected one up to the rounding
-    of its own dtype; a tighter tolerance only costs iterations (float32, the training-speed
-    benchmark's first 200 steps: 4.5 iterations per step on average instead of 7.1 at 1e-9).
+    ≤ 4.7e-8 relative over 300 training steps), so a projected weight equals the exactly
+    projected one up to the rounding of its own dtype; a tighter tolerance only costs iterations
+    (float32, the training-speed benchmark's first 200 steps: 4.5 iterations per step on average
+    instead of 7.1 at 1e-9).
     """
     return max(POWER_ITERATION_TOLERANCE, float(torch.finfo(dtype).eps))
 
