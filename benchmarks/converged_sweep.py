@@ -721,6 +721,7 @@ def collect_results(work: Path, flow_matching_from: Path | None = None) -> dict:
         second = {"flow_matching_from": {"units": sorted([list(key) for key in replaced]),
                                          "config": read_json(Path(flow_matching_from) / "config.json")}}
     records.sort(key=lambda r: (r["n_frames"], r["method"], r["seed"]))
+    evidence.sort(key=lambda e: (e["n_frames"], e["method"], e["seed"]))
     sensitivity = [threshold_row(path) for path in sorted(work.glob("seed*/n*/flow-matching/threshold_*"))
                    if (path / "variant.json").exists() and (path / "network" / "x1" / "js_bootstrap.json").exists()]
     split = read_json(work / "split.json") if (work / "split.json").exists() else {}
