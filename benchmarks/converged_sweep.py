@@ -21,7 +21,10 @@ gets its best shot, every seed the same protocol:
    inside the grid or ``lipschitz_limits`` is reached.
 3. **Flow-matching at its best** without any all-atom force: flow, outlier threshold (a quantile of
    the flow's own force scores at the N frames), ``teacher_samples`` teacher samples; the CG
-   network with the package defaults, early-stopped on its own last 10 % of teacher samples.
+   network with the package defaults, early-stopped on its own last 10 % of teacher samples. At
+   the sizes of ``flow_doublings_by_size`` the flow first climbs its own budget ladder (2×, 4×, …
+   ``flow_steps``) until a doubling no longer lowers its NLL on the scoring half by more than the
+   paired error (see :func:`flow_ladder`); the teacher comes from that flow.
 4. **Budget doubling.** The chosen configuration of each method is trained again at 2× (and up to
    ``2 ** max_doublings`` ×, one doubling more for ``extra_doubling_seeds``) the budget, with the
    schedule and patience scaled alike; a budget is converged when doubling it changes the
@@ -48,7 +51,7 @@ and ``data_efficiency.png`` (the headline comparison).
 Usage::
 
     nice -n 10 python benchmarks/converged_sweep.py --data DIR [--work benchmarks/runs/converged_sweep]
-        [--set KEY=VALUE ...] [--report-only] [--markdown]
+        [--set KEY=VALUE ...] [--report-only [--flow-matching-from WORK2]] [--markdown]
 """
 
 from __future__ import annotations
