@@ -18,8 +18,11 @@ a time:
   backward pass per step), tanh evaluated by ``torch.tanh``;
 - ``explicit_gradient``: as the previous, tanh evaluated as 2 s(2a) − 1 (s the logistic sigmoid;
   the same values up to float rounding, ~3× cheaper than ``torch.tanh`` on CPU), as the trainer;
-- ``new``: as the previous, with Adam's fused kernel (``training.adam_optimizer``): what the
-  trainer does now.
+- ``fused_adam``: as the previous, with Adam's fused kernel (``training.adam_optimizer``): the
+  trainer of the previous release;
+- ``new``: as the previous, the loss and its parameter gradients computed directly from the
+  explicit passes, with no autograd graph (``input_gradient.force_matching_gradients``, through
+  ``_ForceData.accumulate_gradients``): what the trainer does now.
 
 Every variant starts from the same fresh network; ``--steps`` steps are timed after 5 warm-up
 steps, the variants interleaved, ``--repeats`` times; the fastest repeat is reported (and all
@@ -67,6 +70,7 @@ class Variant(NamedTuple):
     exact_projection: bool  # matrix_norm(ord=2) of every weight (else the power-iteration projection)
     fused_adam: bool  # training.adam_optimizer (else torch.optim.Adam's default)
     torch_tanh: bool = False  # the explicit pass with torch.tanh (else tanh as 2 s(2a) − 1, as the trainer)
+    direct: bool = False  # loss gradients without autograd (force_matching_gradients), else loss.backward()
 
 
 VARIANTS = {
@@ -76,7 +80,8 @@ VARIANTS = {
     "precomputed_and_power_iteration": Variant(True, False, False, False),
     "explicit_gradient_torch_tanh": Variant(True, True, False, False, torch_tanh=True),
     "explicit_gradient": Variant(True, True, False, False),
-    "new": Variant(True, True, False, True),
+    "fused_adam": Variant(True, True, False, True),
+    "new": Variant(True, True, False, True, direct=True),
 }
 
 
@@ -135,14 +140,13 @@ def run_steps(model: CGNet, data, n_steps: int, batch_size: int, variant: Varian
         optimizer = adam_optimizer(model.parameters(), 3e-3)
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    data.explicit_gradient = variant.explicit_gradient
+    data.explicit_gradient, data.direct_gradients = variant.explicit_gradient, variant.direct
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     for _ in range(n_steps):
         batch = torch.randint(len(data), (batch_size,), generator=generator)
         optimizer.zero_grad(set_to_none=True)
-        loss = data.loss(model, batch, create_graph=True)
-        loss.backward()
+        data.accumulate_gradients(model, batch)  # the trainer's call: loss.backward() unless variant.direct
         optimizer.step()
         if variant.exact_projection:
             old_projection(model)
@@ -205,6 +209,17 @@ def parameter_difference(positions, forces, n_steps: int = 20) -> float:
     return max(float((a - b).detach().abs().max()) for a, b in zip(models[0].parameters(), models[1].parameters()))
 
 
+def processor_name() -> str:
+    """The CPU model (``/proc/cpuinfo``'s model name where there is one, else ``platform.processor()``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -223,7 +238,7 @@ def main() -> None:
     result = {
         "benchmark": "force-matching ms per optimiser step, old vs new path (benchmarks/bench_training_speed.py)",
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "processor": processor_name(), "cpu_count": os.cpu_count(),
                     "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "torch_version": torch.__version__,
         "settings": {"threads": arguments.threads, "batch_size": arguments.batch_size, "dtype": "float32",

@@ -1,5 +1,6 @@
 """The fast force-matching path equals the autograd path: explicit input gradient with its
-hand-written backward, tanh via the sigmoid, fused Adam, and the Lipschitz projection's norms."""
+hand-written backward, the direct loss gradients, tanh via the sigmoid, fused Adam, and the
+Lipschitz projection's norms."""
 
 from __future__ import annotations
 
@@ -98,18 +99,54 @@ def test_explicit_path_gives_the_double_backpropagation_gradients():
             torch.testing.assert_close(new[name], value, rtol=1e-11, atol=1e-11 * float(value.abs().max()), msg=name)
 
 
+@pytest.mark.parametrize("activation", sorted(DERIVATIVES))
+def test_direct_gradients_equal_double_backpropagation(activation):
+    """force_matching_gradients (no autograd graph), as the trainer accumulates them, against
+    loss.backward() through autograd's double back-propagation: loss and every gradient, float64."""
+    positions, target = random_chains(48, 11), 50.0 * torch.randn(48, N_BEADS, 3, dtype=torch.float64)
+    model = cgnet(activation, 4)
+    data = _force_data(model, positions, target, precompute=True)
+    batch = torch.arange(1, 48, 3)
+    model.zero_grad(set_to_none=True)
+    data.explicit_gradient = False
+    expected_loss = data.accumulate_gradients(model, batch)
+    expected = {name: parameter.grad for name, parameter in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    data.explicit_gradient = True
+    loss = data.accumulate_gradients(model, batch, weight=0.25)
+    assert loss == pytest.approx(0.25 * expected_loss, rel=1e-13)
+    data.accumulate_gradients(model, batch, weight=0.75)  # accumulates, as backward() does
+    got = {name: parameter.grad for name, parameter in model.named_parameters()}
+    assert got.keys() == expected.keys() and got["output_layer.bias"] is None and expected["output_layer.bias"] is None
+    if activation != "relu":  # (ReLU: σ'' = 0, the biases get zero gradients along both paths)
+        assert all(value is None or float(value.abs().max()) > 1e-3 for value in expected.values())
+    for name, value in expected.items():
+        if value is not None:
+            torch.testing.assert_close(got[name], value, rtol=1e-11, atol=1e-11 * float(value.abs().max()), msg=name)
+
+
+def test_direct_gradients_skip_frozen_parameters():
+    positions, target = random_chains(16, 12), torch.randn(16, N_BEADS, 3, dtype=torch.float64)
+    model = cgnet("tanh", 3)
+    model.input_layer.weight.requires_grad_(False)
+    data = _force_data(model, positions, target, precompute=True)
+    data.accumulate_gradients(model, torch.arange(16))
+    assert model.input_layer.weight.grad is None and model.input_layer.bias.grad is not None
+
+
 def run_steps(model: CGNet, data, optimizer: torch.optim.Optimizer, n_steps: int) -> None:
     generator = torch.Generator().manual_seed(7)
     for _ in range(n_steps):
         batch = torch.randint(len(data), (32,), generator=generator)
         optimizer.zero_grad(set_to_none=True)
-        data.loss(model, batch, create_graph=True).backward()
+        data.accumulate_gradients(model, batch)
         optimizer.step()
         model.project_lipschitz()
 
 
 def test_training_steps_along_the_old_and_new_paths_agree():
-    """Autograd double back-propagation + default Adam vs explicit gradient + fused Adam, float64."""
+    """Autograd double back-propagation + default Adam vs the trainer's direct gradients + fused
+    Adam, float64."""
     positions, target = random_chains(128, 6), 50.0 * torch.randn(128, N_BEADS, 3, dtype=torch.float64)
     models = []
     for explicit in (False, True):

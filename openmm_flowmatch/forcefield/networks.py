@@ -370,13 +370,25 @@ class CGNet(nn.Module):
         features
             Standardised features ``(batch, n_features)``.
         """
-        from .input_gradient import DERIVATIVES, explicit_input_gradient
+        from .input_gradient import explicit_input_gradient
+
+        explicit = self.explicit_mlp()
+        if explicit is not None:
+            derivatives, output_layer, layers = explicit
+            return explicit_input_gradient(derivatives, features, output_layer, layers)
+        return autograd_input_gradient(self.energy_from_features, features, torch.is_grad_enabled())
+
+    @torch.jit.unused
+    def explicit_mlp(self) -> Optional[Tuple[Any, nn.Linear, List[nn.Linear]]]:
+        """``(derivatives, output_layer, layers)`` for the explicit passes of
+        :mod:`~openmm_flowmatch.forcefield.input_gradient` (``layers``: the input layer, then the
+        residual layers), or ``None`` when the activation has no explicit derivatives there."""
+        from .input_gradient import DERIVATIVES
 
         derivatives = DERIVATIVES.get(self.activation_name.lower())
-        if derivatives is not None:
-            layers = [self.input_layer] + [block.linear for block in self.residual_layers]
-            return explicit_input_gradient(derivatives, features, self.output_layer, layers)
-        return autograd_input_gradient(self.energy_from_features, features, torch.is_grad_enabled())
+        if derivatives is None:
+            return None
+        return derivatives, self.output_layer, [self.input_layer] + [block.linear for block in self.residual_layers]
 
 
 class MessagePassingNet(nn.Module):

@@ -17,7 +17,9 @@ during training, so their values φ and Jacobians J = ∂φ/∂x are computed on
 then cast) and the forces are −Jᵀ ∂U/∂φ. ∂U/∂φ comes from :meth:`CGNet.energy_and_input_gradient`,
 an explicit reverse pass through the MLP whose derivative with respect to the parameters is
 written out as well (:mod:`~openmm_flowmatch.forcefield.input_gradient`), so a step is one forward
-and one backward pass instead of a double back-propagation. The optimiser is Adam with torch's
+and one backward pass instead of a double back-propagation; the trainer takes the loss and its
+parameter gradients from those passes directly, without an autograd graph
+(:func:`~openmm_flowmatch.forcefield.input_gradient.force_matching_gradients`). The optimiser is Adam with torch's
 fused kernel (:func:`adam_optimizer`); both give the autograd/default-Adam result up to rounding.
 Budgets and patience can be given in optimiser steps (``max_steps``, ``patience_steps``,
 ``validation_interval``); checkpoints hold the position inside the epoch, so a resumed run gives
@@ -47,6 +49,7 @@ from ..distributed import (
     SINGLE_PROCESS, Ranks, all_reduce_gradients, check_consistent, resolve_device, setup_distributed, sum_over_chunks,
 )
 from .features import DEFAULT_FEATURE_SETS, InvariantFeatures, feature_set_options
+from .input_gradient import force_matching_gradients, mlp_parameters
 from .networks import CGNet, autograd_input_gradient
 
 __all__ = [
@@ -207,10 +210,11 @@ class _ForceData:
     """Training or validation frames: positions, or precomputed (φ, J), with residual forces."""
 
     def __init__(self, positions: Tensor, residual: Tensor, features: Optional[Tensor] = None,
-                 jacobian: Optional[Tensor] = None, explicit_gradient: bool = True) -> None:
+                 jacobian: Optional[Tensor] = None, explicit_gradient: bool = True, direct_gradients: bool = True) -> None:
         self.positions, self.features, self.jacobian = positions, features, jacobian
         self.residual = residual if jacobian is None else residual.flatten(1)
         self.explicit_gradient = explicit_gradient  # see forces_from_features(explicit=...)
+        self.direct_gradients = direct_gradients  # see accumulate_gradients
 
     def __len__(self) -> int:
         return int(self.residual.shape[0])
@@ -223,6 +227,31 @@ class _ForceData:
             predicted = forces_from_features(model, _rows(self.features, index), _rows(self.jacobian, index),
                                              create_graph, explicit=self.explicit_gradient)
         return torch.mean((predicted - _rows(self.residual, index)) ** 2)
+
+    def accumulate_gradients(self, model: nn.Module, index: Tensor | slice, weight: float = 1.0) -> float:
+        """Add ∂(weight · loss)/∂θ on the frames ``index`` to the parameters' ``.grad``; return weight · loss.
+
+        With precomputed features, the explicit input gradient and ``direct_gradients``, the loss
+        and its gradients come from :func:`~.input_gradient.force_matching_gradients`, without an
+        autograd graph; otherwise from ``loss.backward()``. The same gradients up to rounding.
+        """
+        explicit = None
+        if self.jacobian is not None and self.explicit_gradient and self.direct_gradients:
+            explicit = model.explicit_mlp() if hasattr(model, "explicit_mlp") else None
+        if explicit is None:
+            loss = self.loss(model, index, create_graph=True)
+            loss = loss if weight == 1.0 else loss * weight
+            loss.backward()
+            return float(loss.detach())
+        derivatives, output_layer, layers = explicit
+        loss, gradients = force_matching_gradients(derivatives, _rows(self.features, index), _rows(self.jacobian, index),
+                                                   _rows(self.residual, index), output_layer, layers)
+        for parameter, gradient in zip(mlp_parameters(output_layer, layers), gradients):
+            if gradient is None or not parameter.requires_grad:
+                continue
+            gradient = gradient if weight == 1.0 else gradient.mul_(weight)
+            parameter.grad = gradient if parameter.grad is None else parameter.grad.add_(gradient)
+        return float(loss) * weight
 
 
 def _rows(tensor: Tensor, index: Tensor | slice) -> Tensor:
@@ -703,15 +732,11 @@ def _batch_gradients(model: nn.Module, train: _ForceData, batch: Tensor, ranks: 
     gradient is the gradient of the global mean.
     """
     if not ranks.active:
-        loss = train.loss(model, batch, create_graph=True)
-        loss.backward()
-        return float(loss.detach())
+        return train.accumulate_gradients(model, batch)
     local = ranks.shard(batch)
     value = 0.0
     if local.numel():
-        loss = train.loss(model, local, create_graph=True) * (local.numel() / batch.numel())
-        loss.backward()
-        value = float(loss.detach())
+        value = train.accumulate_gradients(model, local, local.numel() / batch.numel())
     (summed,) = all_reduce_gradients(model.parameters(), ranks, [value])
     return summed
 
