@@ -181,141 +181,187 @@ def run_demo(
         The report: sizes, per-stage seconds and summaries, metrics (also in
         ``out_dir/demo_report.json``, ``out_dir/metrics.json`` and ``out_dir/phi_psi.png``).
     """
-    import torch
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pdb = Path(pdb) if pdb is not None else _resource("alanine_dipeptide.pdb")
     report = _Report(out_dir / REPORT_FILE, sizes)
     logger.info("demo sizes: %s", sizes.describe())
-    paths = {
-        "reference": out_dir / "reference",
-        "priors": out_dir / "priors.json",
-        "flow": out_dir / "flow.pt",
-        "teacher": out_dir / "teacher.h5",
-        "network": out_dir / "forcefield_network.pt",
-        "artifact": out_dir / "forcefield.pt",
-        "simulation": out_dir / "simulation",
-        "metrics": out_dir / "metrics.json",
-        "figure": out_dir / "phi_psi.png",
-        "teacher_figure": out_dir / "phi_psi_teacher.png",
-    }
-    state: dict[str, Any] = {}
+    run = _DemoStages(out_dir, sizes, pdb, platform, threads, progress, report.path)
+    for number, name in enumerate(STAGES, start=1):
+        _run_stage(f"[{number}/{len(STAGES)}] {name}", name, getattr(run, name), report, stage_callback)
+    total = sum(stage["seconds"] for stage in report.data["stages"].values())
+    report.data["total_seconds"] = round(total, 2)
+    report.data["outputs"] = {key: str(value) for key, value in run.paths.items()}
+    report.save()
+    return report.data
 
-    def reference_data() -> dict:
-        if "reference" not in state:
+
+def _run_stage(label: str, name: str, stage: Callable[[], dict], report: _Report,
+               stage_callback: Callable[[str, str, float | None], None] | None) -> None:
+    """Run one stage unless the report holds it; record its wall time and summary."""
+    if report.done(name):
+        seconds = report.data["stages"][name]["seconds"]
+        logger.info("%s: done before (%.1f s), skipped", label, seconds)
+        if stage_callback:
+            stage_callback(name, "cached", seconds)
+        return
+    logger.info("%s: running", label)
+    if stage_callback:
+        stage_callback(name, "start", None)
+    clock = time.perf_counter()
+    summary = stage()
+    seconds = time.perf_counter() - clock
+    report.record(name, seconds, summary)
+    logger.info("%s: finished in %.1f s", label, seconds)
+    if stage_callback:
+        stage_callback(name, "done", seconds)
+
+
+def _output_paths(out_dir: Path) -> dict[str, Path]:
+    """Where the demo's stages write, by name."""
+    names = {
+        "reference": "reference", "priors": "priors.json", "flow": "flow.pt", "teacher": "teacher.h5",
+        "network": "forcefield_network.pt", "artifact": "forcefield.pt", "simulation": "simulation",
+        "metrics": "metrics.json", "figure": "phi_psi.png", "teacher_figure": "phi_psi_teacher.png",
+    }
+    return {key: out_dir / name for key, name in names.items()}
+
+
+class _DemoStages:
+    """The demo's stages over one output directory: one method per name of :data:`STAGES`, each
+    returning its summary for the report, and the loaders the later stages share."""
+
+    def __init__(self, out_dir: Path, sizes: DemoSizes, pdb: Path, platform: str | None, threads: int | None,
+                 progress: bool, report_path: Path) -> None:
+        self.out_dir, self.sizes, self.pdb = out_dir, sizes, pdb
+        self.platform, self.threads, self.progress = platform, threads, progress
+        self.report_path = report_path
+        self.paths = _output_paths(out_dir)
+        self._reference: dict | None = None
+
+    # ------------------------------------------------------------------ what later stages read
+    def reference_data(self) -> dict:
+        """The reference's CG positions (all replicas, and per replica) and metadata, read once."""
+        if self._reference is None:
             from openmm_flowmatch.data.storage import read_cg_file
 
-            files = sorted(paths["reference"].glob("replica_*.h5"))
+            files = sorted(self.paths["reference"].glob("replica_*.h5"))
             if not files:
-                raise DemoError(f"no reference data in {paths['reference']}; delete {report.path} to start again")
+                raise DemoError(f"no reference data in {self.paths['reference']}; delete {self.report_path} to start again")
             parts = [read_cg_file(f) for f in files]
-            state["reference"] = {
+            self._reference = {
                 "positions": np.concatenate([p["positions"] for p in parts]),
                 "per_replica": [p["positions"] for p in parts],
                 "metadata": parts[0]["metadata"],
             }
-        return state["reference"]
+        return self._reference
 
-    def mapping():
+    def mapping(self):
         from openmm_flowmatch.mapping import CGMapping
 
-        return CGMapping.from_dict(reference_data()["metadata"]["mapping"])
+        return CGMapping.from_dict(self.reference_data()["metadata"]["mapping"])
 
-    def stage_reference() -> dict:
+    def load_priors(self):
+        from openmm_flowmatch.priors import Priors
+
+        return Priors.from_dict(json.loads(self.paths["priors"].read_text()))
+
+    def teacher_data(self) -> dict:
+        from openmm_flowmatch.data.storage import read_cg_file
+
+        return read_cg_file(self.paths["teacher"])
+
+    # ------------------------------------------------------------------------------- stages
+    def reference(self) -> dict:
         from openmm_flowmatch.data.reference import generate_reference
 
+        sizes = self.sizes
         files = generate_reference(
-            pdb, paths["reference"], "backbone", temperature=sizes.temperature, duration_ps=sizes.reference_ps,
-            equilibration_ps=sizes.reference_equilibration_ps, save_interval_steps=sizes.reference_save_interval_steps,
-            replicas=sizes.reference_replicas, seed=sizes.seed, platform=platform, threads=threads, progress=progress,
+            self.pdb, self.paths["reference"], "backbone", temperature=sizes.temperature,
+            duration_ps=sizes.reference_ps, equilibration_ps=sizes.reference_equilibration_ps,
+            save_interval_steps=sizes.reference_save_interval_steps, replicas=sizes.reference_replicas,
+            seed=sizes.seed, platform=self.platform, threads=self.threads, progress=self.progress,
         )
-        frames = reference_data()["positions"].shape[0]
+        frames = self.reference_data()["positions"].shape[0]
         return {"files": [str(f) for f in files], "frames": int(frames)}
 
-    def stage_priors() -> dict:
+    def priors(self) -> dict:
         from openmm_flowmatch.priors import Priors
 
-        priors = Priors.fit(reference_data()["positions"], mapping().bonds, sizes.temperature)
-        paths["priors"].write_text(json.dumps(priors.to_dict(), indent=1) + "\n")
+        priors = Priors.fit(self.reference_data()["positions"], self.mapping().bonds, self.sizes.temperature)
+        self.paths["priors"].write_text(json.dumps(priors.to_dict(), indent=1) + "\n")
         return {"terms": repr(priors)}
 
-    def load_priors():
-        from openmm_flowmatch.priors import Priors
+    def flow(self) -> dict:
+        import torch
 
-        return Priors.from_dict(json.loads(paths["priors"].read_text()))
-
-    def stage_flow() -> dict:
         from openmm_flowmatch.flows.training import train_flow
 
+        sizes = self.sizes
         torch.manual_seed(sizes.seed)
         flow = train_flow(
-            reference_data()["positions"], epochs=sizes.flow_epochs, batch_size=sizes.flow_batch_size,
+            self.reference_data()["positions"], epochs=sizes.flow_epochs, batch_size=sizes.flow_batch_size,
             n_blocks=sizes.flow_blocks, hidden_features=sizes.flow_hidden, seed=sizes.seed,
-            checkpoint_path=out_dir / "flow_checkpoint.pt", progress=progress,
+            checkpoint_path=self.out_dir / "flow_checkpoint.pt", progress=self.progress,
         )
-        flow.save(paths["flow"])
+        flow.save(self.paths["flow"])
         history = getattr(flow, "training_history", []) or []
         best = min((h["validation_nll"] for h in history), default=float("nan"))
         return {"epochs": len(history), "best_validation_nll": best}
 
-    def stage_teacher() -> dict:
+    def teacher(self) -> dict:
         from openmm_flowmatch.flows.model import CGFlow
         from openmm_flowmatch.flows.teacher import sample_teacher
 
-        flow = CGFlow.load(paths["flow"])
+        flow = CGFlow.load(self.paths["flow"])
         teacher = sample_teacher(
-            flow, sizes.teacher_samples, paths["teacher"], sizes.temperature, seed=sizes.seed,
-            metadata={"mapping": mapping().to_dict()}, progress=progress,
+            flow, self.sizes.teacher_samples, self.paths["teacher"], self.sizes.temperature, seed=self.sizes.seed,
+            metadata={"mapping": self.mapping().to_dict()}, progress=self.progress,
         )
         return {
             "samples": teacher.n_samples, "drawn": teacher.n_drawn,
             "dropped_fraction": teacher.dropped_fraction, "force_threshold": teacher.force_threshold,
         }
 
-    def teacher_data() -> dict:
-        from openmm_flowmatch.data.storage import read_cg_file
-
-        return read_cg_file(paths["teacher"])
-
-    def stage_forcefield() -> dict:
+    def forcefield(self) -> dict:
         from openmm_flowmatch.forcefield.training import train_force_field
 
-        data = teacher_data()
+        sizes, data = self.sizes, self.teacher_data()
         model = train_force_field(
-            {"positions": data["positions"], "forces": data["forces"]}, load_priors(), method="flow-matching",
-            bonds=mapping().bonds, epochs=sizes.forcefield_epochs, batch_size=sizes.forcefield_batch_size,
+            {"positions": data["positions"], "forces": data["forces"]}, self.load_priors(), method="flow-matching",
+            bonds=self.mapping().bonds, epochs=sizes.forcefield_epochs, batch_size=sizes.forcefield_batch_size,
             learning_rate=sizes.forcefield_learning_rate,
             model_kwargs={"hidden_width": sizes.forcefield_width, "n_layers": sizes.forcefield_layers},
-            checkpoint_path=out_dir / "forcefield_checkpoint.pt", seed=sizes.seed, progress=progress,
+            checkpoint_path=self.out_dir / "forcefield_checkpoint.pt", seed=sizes.seed, progress=self.progress,
         )
-        save_network(model, paths["network"])
+        save_network(model, self.paths["network"])
         info = getattr(model, "training_info", {}) or {}
         return {
             "frames": info.get("frames"), "epochs": info.get("epochs"),
             "best_validation_loss": info.get("best_validation_loss"),
         }
 
-    def stage_export() -> dict:
+    def export(self) -> dict:
         from openmm_flowmatch.export import export_force_field
 
         export_force_field(
-            load_network(paths["network"]), paths["artifact"], priors=load_priors(), mapping=mapping(),
-            temperature=sizes.temperature, replicas=sizes.replicas,
+            load_network(self.paths["network"]), self.paths["artifact"], priors=self.load_priors(),
+            mapping=self.mapping(), temperature=self.sizes.temperature, replicas=self.sizes.replicas,
         )
-        return {"artifact": str(paths["artifact"])}
+        return {"artifact": str(self.paths["artifact"])}
 
-    def stage_simulate() -> dict:
+    def simulate(self) -> dict:
         from openmm_flowmatch.simulation import simulate_force_field
 
-        reference = reference_data()["positions"]
+        sizes, reference = self.sizes, self.reference_data()["positions"]
         starts = reference[np.linspace(0, len(reference) - 1, sizes.replicas).astype(int)]
-        properties = {"Threads": str(threads)} if threads and (platform or "").upper() == "CPU" else None
+        on_cpu = (self.platform or "").upper() == "CPU"
+        properties = {"Threads": str(self.threads)} if self.threads and on_cpu else None
         result = simulate_force_field(
-            paths["artifact"], pdb, paths["simulation"], sizes.simulation_steps, replicas=sizes.replicas,
-            initial_positions=starts, temperature=sizes.temperature, time_step=sizes.time_step_ps,
-            report_interval=sizes.report_interval, platform=platform, platform_properties=properties,
-            seed=sizes.seed, progress=progress,
+            self.paths["artifact"], self.pdb, self.paths["simulation"], sizes.simulation_steps,
+            replicas=sizes.replicas, initial_positions=starts, temperature=sizes.temperature,
+            time_step=sizes.time_step_ps, report_interval=sizes.report_interval, platform=self.platform,
+            platform_properties=properties, seed=sizes.seed, progress=self.progress,
         )
         kinetic = result.kinetic_temperature
         return {
@@ -326,67 +372,40 @@ def run_demo(
             "bonded": result.bonded,
         }
 
-    def stage_analyze() -> dict:
+    def analyze(self) -> dict:
         from openmm_flowmatch import analysis
 
-        topology = mapping().cg_topology()
-        trajectories = sorted(paths["simulation"].glob("replica_*.dcd"))
-        # drop the first 10 % of every replica (relaxation from the reference start)
-        model = np.concatenate(
-            [frames[len(frames) // 10 :] for frames in (analysis.load_positions(t, topology) for t in trajectories)]
-        )
-        reference = reference_data()["positions"]
-        comparison = analysis.compare_phi_psi(reference, model, temperature=sizes.temperature)
+        model = self._simulated_positions()
+        reference, temperature = self.reference_data()["positions"], self.sizes.temperature
+        comparison = analysis.compare_phi_psi(reference, model, temperature=temperature)
         analysis.plot_free_energy_comparison(
-            comparison, paths["figure"], titles=("all-atom reference (CG map)", "CG model in OpenMM")
+            comparison, self.paths["figure"], titles=("all-atom reference (CG map)", "CG model in OpenMM")
         )
-        teacher = analysis.compare_phi_psi(reference, teacher_data()["positions"], temperature=sizes.temperature)
+        teacher = analysis.compare_phi_psi(reference, self.teacher_data()["positions"], temperature=temperature)
         analysis.plot_free_energy_comparison(
-            teacher, paths["teacher_figure"], titles=("all-atom reference (CG map)", "flow teacher samples")
+            teacher, self.paths["teacher_figure"], titles=("all-atom reference (CG map)", "flow teacher samples")
         )
         basins = _basin_populations(reference, model)
         metrics = {
             "cg_simulation": comparison.metrics,
             "teacher": teacher.metrics,
             "basins": basins,
-            "sizes": sizes.describe(),
+            "sizes": self.sizes.describe(),
             "definition": "DESIGN.md Metrics: 60x60 phi/psi histogram on [-pi, pi)^2, F in kcal/mol",
         }
-        analysis.write_metrics(paths["metrics"], metrics)
+        analysis.write_metrics(self.paths["metrics"], metrics)
         return {"metrics": metrics["cg_simulation"], "teacher_metrics": teacher.metrics, "basins": basins}
 
-    stages = {
-        "reference": stage_reference,
-        "priors": stage_priors,
-        "flow": stage_flow,
-        "teacher": stage_teacher,
-        "forcefield": stage_forcefield,
-        "export": stage_export,
-        "simulate": stage_simulate,
-        "analyze": stage_analyze,
-    }
-    for number, name in enumerate(STAGES, start=1):
-        label = f"[{number}/{len(STAGES)}] {name}"
-        if report.done(name):
-            logger.info("%s: done before (%.1f s), skipped", label, report.data["stages"][name]["seconds"])
-            if stage_callback:
-                stage_callback(name, "cached", report.data["stages"][name]["seconds"])
-            continue
-        logger.info("%s: running", label)
-        if stage_callback:
-            stage_callback(name, "start", None)
-        clock = time.perf_counter()
-        summary = stages[name]()
-        seconds = time.perf_counter() - clock
-        report.record(name, seconds, summary)
-        logger.info("%s: finished in %.1f s", label, seconds)
-        if stage_callback:
-            stage_callback(name, "done", seconds)
-    total = sum(stage["seconds"] for stage in report.data["stages"].values())
-    report.data["total_seconds"] = round(total, 2)
-    report.data["outputs"] = {key: str(value) for key, value in paths.items()}
-    report.save()
-    return report.data
+    def _simulated_positions(self) -> np.ndarray:
+        """The CG simulation's frames, all replicas, without the first 10 % of each (relaxation
+        from the reference start)."""
+        from openmm_flowmatch import analysis
+
+        topology = self.mapping().cg_topology()
+        trajectories = sorted(self.paths["simulation"].glob("replica_*.dcd"))
+        return np.concatenate(
+            [frames[len(frames) // 10 :] for frames in (analysis.load_positions(t, topology) for t in trajectories)]
+        )
 
 
 def _basin_populations(reference: np.ndarray, model: np.ndarray) -> dict:
