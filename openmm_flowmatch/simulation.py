@@ -747,19 +747,49 @@ def run_simulation(
     SimulationError
         Inconsistent input or an output directory written with other options.
     """
-    import openmm
-    import openmm.app as app
-    import openmm.unit as u
-    from tqdm.auto import tqdm
+    steps, replicas, report_interval, checkpoint_interval, trajectory_format = _checked_run_options(
+        steps, replicas, report_interval, checkpoint_interval, trajectory_format
+    )
+    temperature, friction, time_step = validate_dynamics(temperature, friction, time_step)
+    n_beads, batched = _replica_layout(system, topology, replicas)
+    start = _initial_positions(positions, replicas, n_beads)
+    platform_object = select_platform(platform)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = {
+        "replicas": replicas, "batched": batched, "n_beads": n_beads, "report_interval": report_interval,
+        "time_step": time_step, "trajectory_format": trajectory_format, "temperature": temperature,
+        "friction": friction, "steps": steps, "seed": int(seed), "platform": platform_object.getName(),
+    }
+    info_path = out_dir / RUN_INFO_FILE
+    if resume:
+        _check_run_info(info_path, info)
+    _write_run_info(info_path, info)
+    _write_topology(out_dir / "topology.pdb", topology, start[0])
+    plan = _RunPlan(system, topology, replicas, batched, n_beads, temperature, friction, time_step, report_interval,
+                    seed, min_distance, resume, _OutputFiles.of(out_dir, replicas, batched, trajectory_format))
 
-    steps = int(steps)
-    replicas = int(replicas)
-    report_interval = int(report_interval)
+    simulations, writers = [], []
+    try:
+        for context_index in range(plan.contexts):
+            simulation, own_writers = _context_simulation(plan, context_index, start, platform_object,
+                                                          platform_properties)
+            simulations.append(simulation)
+            writers.extend(own_writers)
+        first_step = _common_start_step(simulations, out_dir, steps)
+        wall = _advance(simulations, plan, first_step, steps, checkpoint_interval, progress)
+    finally:
+        _close_outputs(writers, simulations)
+    return _simulation_result(plan, steps, first_step, wall, platform_object.getName(), info_path)
+
+
+def _checked_run_options(steps: int, replicas: int, report_interval: int, checkpoint_interval: int | None,
+                         trajectory_format: str) -> tuple[int, int, int, int, str]:
+    """The run's counts and trajectory format as plain values, checked (:class:`SimulationError`)."""
+    steps, replicas, report_interval = int(steps), int(replicas), int(report_interval)
     if replicas < 1 or steps < 0 or report_interval < 1:
         raise SimulationError("replicas and report_interval must be ≥ 1 and steps ≥ 0")
-    if checkpoint_interval is None:
-        checkpoint_interval = 10 * report_interval
-    checkpoint_interval = int(checkpoint_interval)
+    checkpoint_interval = int(10 * report_interval if checkpoint_interval is None else checkpoint_interval)
     if checkpoint_interval < report_interval or checkpoint_interval % report_interval:
         raise SimulationError(
             f"checkpoint_interval ({checkpoint_interval}) must be a multiple of report_interval ({report_interval})"
@@ -769,10 +799,15 @@ def run_simulation(
     trajectory_format = trajectory_format.lower().lstrip(".")
     if trajectory_format not in ("dcd", "xtc"):
         raise SimulationError(f"trajectory_format must be 'dcd' or 'xtc', got {trajectory_format!r}")
-    temperature, friction, time_step = validate_dynamics(temperature, friction, time_step)
+    return steps, replicas, report_interval, checkpoint_interval, trajectory_format
 
-    n_beads = topology.getNumAtoms()
-    n_particles = system.getNumParticles()
+
+def _replica_layout(system, topology, replicas: int) -> tuple[int, bool]:
+    """``(beads per copy, batched)``: whether the System holds all replicas (one Context) or one
+    copy (a Context per replica); every particle must have a mass."""
+    import openmm.unit as u
+
+    n_beads, n_particles = topology.getNumAtoms(), system.getNumParticles()
     if n_particles == n_beads * replicas and replicas > 1:
         batched = True
     elif n_particles == n_beads:
@@ -787,148 +822,198 @@ def run_simulation(
             raise SimulationError(
                 f"particle {index} has zero mass and would not move; give every CG bead a mass"
             )
-    start = _initial_positions(positions, replicas, n_beads)
-    platform_object = select_platform(platform)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return n_beads, batched
 
-    info = {
-        "replicas": replicas,
-        "batched": batched,
-        "n_beads": n_beads,
-        "report_interval": report_interval,
-        "time_step": time_step,
-        "trajectory_format": trajectory_format,
-        "temperature": temperature,
-        "friction": friction,
-        "steps": steps,
-        "seed": int(seed),
-        "platform": platform_object.getName(),
-    }
-    info_path = out_dir / RUN_INFO_FILE
-    if resume:
-        _check_run_info(info_path, info)
-    _write_run_info(info_path, info)
-    _write_topology(out_dir / "topology.pdb", topology, start[0])
 
-    contexts = 1 if batched else replicas
-    per_context = replicas if batched else 1
-    context_topology = replicate_topology(topology, per_context)
-    trajectories = [out_dir / f"replica_{r:03d}.{trajectory_format}" for r in range(replicas)]
-    state_files = [out_dir / f"state_{c:03d}.csv" for c in range(contexts)]
-    checkpoints = [out_dir / f"checkpoint_{c:03d}.chk" for c in range(contexts)]
-    kinetic_files = [out_dir / f"kinetic_{c:03d}.csv" for c in range(contexts)]
+@dataclass(frozen=True)
+class _OutputFiles:
+    """The files of a run: one trajectory per replica, state data, checkpoint and kinetic
+    temperatures per Context."""
 
-    simulations, writers = [], []
-    resumed_step = 0
-    try:
-        for c in range(contexts):
-            integrator = openmm.LangevinMiddleIntegrator(
-                temperature * u.kelvin, friction / u.picosecond, time_step * u.picosecond
-            )
-            integrator.setRandomNumberSeed(_integrator_seed(seed, c))
-            simulation = app.Simulation(
-                context_topology, system, integrator, platform_object, platform_properties or {}
-            )
-            own_replicas = list(range(c * per_context, (c + 1) * per_context)) if not batched else list(range(replicas))
-            continuing = resume and checkpoints[c].exists()
-            if continuing:
-                simulation.context.loadCheckpoint(checkpoints[c].read_bytes())
-                done = simulation.context.getStepCount()
-                if done % report_interval:
-                    raise SimulationError(f"{checkpoints[c]} is at step {done}, not a multiple of the report interval")
-                for r in own_replicas:
-                    _truncate_trajectory(trajectories[r], topology, done // report_interval)
-                _truncate_state_data(state_files[c], done)
-                _truncate_state_data(kinetic_files[c], done)
-                resumed_step = done
-            else:
-                simulation.context.setPositions(start[own_replicas].reshape(-1, 3) * u.nanometer)
-                simulation.context.setVelocitiesToTemperature(temperature * u.kelvin, _integrator_seed(seed, c))
-            done = simulation.context.getStepCount()
-            own_writers = [
-                _TrajectoryWriter(
-                    trajectories[r], topology, time_step, report_interval, report_interval,
-                    append=continuing and trajectories[r].exists(),
-                )
-                for r in own_replicas
-            ]
-            writers.extend(own_writers)
-            simulation.reporters.append(
-                _ReplicaTrajectoryReporter(own_writers, report_interval, n_beads, own_replicas[0], min_distance)
-            )
-            simulation.reporters.append(
-                app.StateDataReporter(
-                    str(state_files[c]), report_interval, step=True, time=True, potentialEnergy=True,
-                    kineticEnergy=True, temperature=True, speed=True,
-                    append=continuing and state_files[c].exists(),
-                )
-            )
-            simulation.reporters.append(
-                KineticTemperatureReporter(
-                    kinetic_files[c], report_interval, system, per_context, own_replicas[0],
-                    append=continuing and kinetic_files[c].exists(),
-                )
-            )
-            simulations.append(simulation)
+    trajectories: list[Path]
+    state_data: list[Path]
+    checkpoints: list[Path]
+    kinetic: list[Path]
 
-        steps_done = [s.currentStep for s in simulations]
-        if len(set(steps_done)) != 1:
-            raise SimulationError(f"checkpoints in {out_dir} are at different steps {steps_done}; delete the directory")
-        first_step = steps_done[0]
-        if first_step > steps:
-            raise SimulationError(f"{out_dir} already holds {first_step} steps, more than the {steps} asked for")
-        if first_step:
-            logger.info("continuing %s from step %d of %d", out_dir, first_step, steps)
+    @classmethod
+    def of(cls, out_dir: Path, replicas: int, batched: bool, trajectory_format: str) -> "_OutputFiles":
+        contexts = range(1 if batched else replicas)
+        return cls(
+            [out_dir / f"replica_{r:03d}.{trajectory_format}" for r in range(replicas)],
+            [out_dir / f"state_{c:03d}.csv" for c in contexts],
+            [out_dir / f"checkpoint_{c:03d}.chk" for c in contexts],
+            [out_dir / f"kinetic_{c:03d}.csv" for c in contexts],
+        )
 
-        clock = time.perf_counter()
-        with tqdm(total=steps, initial=first_step, unit="step", desc="simulate", disable=not progress) as bar:
-            current = first_step
-            while current < steps:
-                chunk = min(report_interval, steps - current)
-                for c, simulation in enumerate(simulations):
-                    _step(simulation, chunk, c, batched, trajectories)
-                current += chunk
-                bar.update(chunk)
-                if current % checkpoint_interval == 0 or current == steps:
-                    for c, simulation in enumerate(simulations):
-                        _save_checkpoint(simulation.context, checkpoints[c])
-        wall = time.perf_counter() - clock
-    finally:
-        for writer in writers:
-            writer.close()
-        for simulation in simulations:
-            for reporter in simulation.reporters:
-                handle = getattr(reporter, "_out", None)
-                if handle is not None and hasattr(handle, "close"):
-                    handle.close()
 
+@dataclass(frozen=True)
+class _RunPlan:
+    """What every Context of a run shares."""
+
+    system: Any
+    topology: Any
+    replicas: int
+    batched: bool
+    n_beads: int
+    temperature: float
+    friction: float
+    time_step: float
+    report_interval: int
+    seed: int
+    min_distance: float
+    resume: bool
+    files: _OutputFiles
+
+    @property
+    def contexts(self) -> int:
+        return 1 if self.batched else self.replicas
+
+    @property
+    def per_context(self) -> int:
+        """Replicas per Context."""
+        return self.replicas if self.batched else 1
+
+    def replicas_of(self, context_index: int) -> list[int]:
+        return list(range(context_index * self.per_context, (context_index + 1) * self.per_context))
+
+
+def _context_simulation(plan: _RunPlan, context_index: int, start: np.ndarray, platform_object,
+                        platform_properties: dict[str, str] | None):
+    """One Context's ``app.Simulation`` (continued from its checkpoint or started at ``start``) with
+    its reporters, and its replicas' trajectory writers."""
+    import openmm
+    import openmm.app as app
+    import openmm.unit as u
+
+    integrator = openmm.LangevinMiddleIntegrator(
+        plan.temperature * u.kelvin, plan.friction / u.picosecond, plan.time_step * u.picosecond
+    )
+    integrator.setRandomNumberSeed(_integrator_seed(plan.seed, context_index))
+    simulation = app.Simulation(replicate_topology(plan.topology, plan.per_context), plan.system, integrator,
+                                platform_object, platform_properties or {})
+    own_replicas = plan.replicas_of(context_index)
+    files = plan.files
+    continuing = plan.resume and files.checkpoints[context_index].exists()
+    if continuing:
+        _continue_from_checkpoint(simulation, plan, context_index, own_replicas)
+    else:
+        simulation.context.setPositions(start[own_replicas].reshape(-1, 3) * u.nanometer)
+        simulation.context.setVelocitiesToTemperature(plan.temperature * u.kelvin,
+                                                      _integrator_seed(plan.seed, context_index))
+    writers = [
+        _TrajectoryWriter(files.trajectories[r], plan.topology, plan.time_step, plan.report_interval,
+                          plan.report_interval, append=continuing and files.trajectories[r].exists())
+        for r in own_replicas
+    ]
+    interval = plan.report_interval
+    simulation.reporters.append(
+        _ReplicaTrajectoryReporter(writers, interval, plan.n_beads, own_replicas[0], plan.min_distance)
+    )
+    state_file, kinetic_file = files.state_data[context_index], files.kinetic[context_index]
+    simulation.reporters.append(
+        app.StateDataReporter(
+            str(state_file), interval, step=True, time=True, potentialEnergy=True, kineticEnergy=True,
+            temperature=True, speed=True, append=continuing and state_file.exists(),
+        )
+    )
+    simulation.reporters.append(
+        KineticTemperatureReporter(kinetic_file, interval, plan.system, plan.per_context, own_replicas[0],
+                                   append=continuing and kinetic_file.exists())
+    )
+    return simulation, writers
+
+
+def _continue_from_checkpoint(simulation, plan: _RunPlan, context_index: int, own_replicas: list[int]) -> None:
+    """Load the Context's checkpoint and cut its outputs back to the checkpoint's step."""
+    files = plan.files
+    simulation.context.loadCheckpoint(files.checkpoints[context_index].read_bytes())
+    done = simulation.context.getStepCount()
+    if done % plan.report_interval:
+        raise SimulationError(
+            f"{files.checkpoints[context_index]} is at step {done}, not a multiple of the report interval"
+        )
+    for r in own_replicas:
+        _truncate_trajectory(files.trajectories[r], plan.topology, done // plan.report_interval)
+    _truncate_state_data(files.state_data[context_index], done)
+    _truncate_state_data(files.kinetic[context_index], done)
+
+
+def _common_start_step(simulations: list, out_dir: Path, steps: int) -> int:
+    """The step every Context starts from (all equal, at most ``steps``)."""
+    steps_done = [s.currentStep for s in simulations]
+    if len(set(steps_done)) != 1:
+        raise SimulationError(f"checkpoints in {out_dir} are at different steps {steps_done}; delete the directory")
+    first_step = steps_done[0]
+    if first_step > steps:
+        raise SimulationError(f"{out_dir} already holds {first_step} steps, more than the {steps} asked for")
+    if first_step:
+        logger.info("continuing %s from step %d of %d", out_dir, first_step, steps)
+    return first_step
+
+
+def _advance(simulations: list, plan: _RunPlan, first_step: int, steps: int, checkpoint_interval: int,
+             progress: bool) -> float:
+    """Step every Context from ``first_step`` to ``steps``, a report interval at a time,
+    checkpointing every ``checkpoint_interval`` steps and at the end; return the wall seconds."""
+    from tqdm.auto import tqdm
+
+    clock = time.perf_counter()
+    with tqdm(total=steps, initial=first_step, unit="step", desc="simulate", disable=not progress) as bar:
+        current = first_step
+        while current < steps:
+            chunk = min(plan.report_interval, steps - current)
+            for context_index, simulation in enumerate(simulations):
+                _step(simulation, chunk, context_index, plan.batched, plan.files.trajectories)
+            current += chunk
+            bar.update(chunk)
+            if current % checkpoint_interval == 0 or current == steps:
+                for context_index, simulation in enumerate(simulations):
+                    _save_checkpoint(simulation.context, plan.files.checkpoints[context_index])
+    return time.perf_counter() - clock
+
+
+def _close_outputs(writers: list, simulations: list) -> None:
+    for writer in writers:
+        writer.close()
+    for simulation in simulations:
+        for reporter in simulation.reporters:
+            handle = getattr(reporter, "_out", None)
+            if handle is not None and hasattr(handle, "close"):
+                handle.close()
+
+
+def _simulation_result(plan: _RunPlan, steps: int, first_step: int, wall: float, platform_name: str,
+                       info_path: Path) -> SimulationResult:
+    """The :class:`SimulationResult` of a finished run, with its kinetic-temperature summary
+    (also added to ``simulation.json``; a warning when it runs hot or cold)."""
     steps_run = steps - first_step
-    simulated_ns = steps_run * time_step * replicas / 1000.0
+    simulated_ns = steps_run * plan.time_step * plan.replicas / 1000.0
+    files = plan.files
     result = SimulationResult(
-        trajectories=trajectories,
-        state_data=state_files,
-        checkpoints=checkpoints,
-        replicas=replicas,
-        batched=batched,
+        trajectories=files.trajectories,
+        state_data=files.state_data,
+        checkpoints=files.checkpoints,
+        replicas=plan.replicas,
+        batched=plan.batched,
         steps=steps,
-        frames_per_replica=steps // report_interval,
-        time_step=time_step,
-        report_interval=report_interval,
-        platform=platform_object.getName(),
+        frames_per_replica=steps // plan.report_interval,
+        time_step=plan.time_step,
+        report_interval=plan.report_interval,
+        platform=platform_name,
         wall_time=wall,
         steps_run=steps_run,
         ns_per_day=(simulated_ns / wall * 86400.0) if steps_run and wall > 0 else float("nan"),
         resumed_from_step=first_step,
-        kinetic_state_data=kinetic_files,
+        kinetic_state_data=files.kinetic,
     )
     logger.info(
         "simulated %d replicas × %d steps on %s in %.1f s (%.1f ns/day summed over replicas)",
-        replicas, steps_run, result.platform, wall, result.ns_per_day,
+        plan.replicas, steps_run, result.platform, wall, result.ns_per_day,
     )
-    dof = np.tile(degrees_of_freedom(system, per_context), contexts)
-    result.kinetic_temperature = summarize_kinetic_temperatures(_read_kinetic_series(kinetic_files), temperature, dof)
-    _warn_if_unsound(result.kinetic_temperature, time_step)
+    dof = np.tile(degrees_of_freedom(plan.system, plan.per_context), plan.contexts)
+    result.kinetic_temperature = summarize_kinetic_temperatures(_read_kinetic_series(files.kinetic),
+                                                                plan.temperature, dof)
+    _warn_if_unsound(result.kinetic_temperature, plan.time_step)
     if result.kinetic_temperature is not None:
         _update_run_info(info_path, "kinetic_temperature", asdict(result.kinetic_temperature))
     return result
