@@ -725,8 +725,6 @@ def generate_reference(
     import openmm
     import openmm.unit as unit
 
-    from .. import __version__
-
     out_dir = Path(out_dir)
     ensure_writable_directory(out_dir, ReferenceGenerationError, "output directory")
     temperature = kelvin(temperature)
@@ -736,48 +734,26 @@ def generate_reference(
     equilibration_ps = float(strip_unit(equilibration_ps, unit.picosecond))
     padding = float(strip_unit(padding, unit.nanometer))
     nonbonded_cutoff = float(strip_unit(nonbonded_cutoff, unit.nanometer))
-    if time_step_ps <= 0 or save_interval_steps < 1 or duration_ps < 0 or equilibration_ps < 0:
-        raise ReferenceGenerationError(
-            "time_step_ps must be positive, save_interval_steps ≥ 1, duration_ps and equilibration_ps ≥ 0"
-        )
-    if replicas < 1 or checkpoint_interval_frames < 1 or all_atom_interval_frames < 1:
-        raise ReferenceGenerationError("replicas, checkpoint_interval_frames and all_atom_interval_frames must be ≥ 1")
-    if all_atom_format is not None:
-        all_atom_format = all_atom_format.lower().lstrip(".")
-        if all_atom_format not in ("dcd", "xtc"):
-            raise ReferenceGenerationError(f"all_atom_format must be 'dcd', 'xtc' or None, got {all_atom_format!r}")
-    if isinstance(hydrogen_mass, str):
-        if hydrogen_mass.lower() != "auto":
-            raise ReferenceGenerationError(f"hydrogen_mass must be a mass in amu, 'auto' or None, got {hydrogen_mass!r}")
-        hydrogen_mass = 3.0 if time_step_ps > 0.0025 else None
-    elif hydrogen_mass is not None:
-        hydrogen_mass = float(strip_unit(hydrogen_mass, unit.amu))
-
+    _check_run_lengths(time_step_ps, save_interval_steps, duration_ps, equilibration_ps, replicas,
+                       checkpoint_interval_frames, all_atom_interval_frames)
+    all_atom_format = _checked_all_atom_format(all_atom_format)
+    hydrogen_mass = _resolved_hydrogen_mass(hydrogen_mass, time_step_ps)
     frame_interval_ps = save_interval_steps * time_step_ps
-    n_frames_total = int(round(duration_ps / frame_interval_ps))
-    equilibration_steps = int(round(equilibration_ps / time_step_ps))
 
     solute_topology, solute_positions = load_structure(
         pdb, fix_pdb=fix_pdb, ph=ph, work_dir=out_dir, keep_heterogens=keep_heterogens
     )
     cg_mapping = resolve_mapping(mapping, solute_topology)
     system, topology, positions, n_solute, forcefield_files = create_all_atom_system(
-        solute_topology,
-        solute_positions,
-        forcefield=forcefield,
-        solvent=solvent,
-        constraints=constraints,
-        hydrogen_mass=hydrogen_mass,
-        padding=padding,
-        ionic_strength=ionic_strength,
-        nonbonded_cutoff=nonbonded_cutoff,
-        source=str(pdb),
+        solute_topology, solute_positions, forcefield=forcefield, solvent=solvent, constraints=constraints,
+        hydrogen_mass=hydrogen_mass, padding=padding, ionic_strength=ionic_strength,
+        nonbonded_cutoff=nonbonded_cutoff, source=str(pdb),
     )
-    force_map = cg_mapping.force_map(solute_system(system, n_solute))
-    coordinate_map = cg_mapping.coordinate_matrix()
+    force_map, coordinate_map = cg_mapping.force_map(solute_system(system, n_solute)), cg_mapping.coordinate_matrix()
     _write_structure(out_dir / "topology.pdb", solute_topology, solute_positions)
     _write_atomically(out_dir / "system.xml", openmm.XmlSerializer.serialize(system))
 
+    explicit = solvent == "explicit"
     settings = {
         "pdb_sha256": _file_digest(Path(pdb)),
         "fix_pdb": bool(fix_pdb),
@@ -786,9 +762,9 @@ def generate_reference(
         "mapping": cg_mapping.to_dict(),
         "forcefield": forcefield_files,
         "solvent": solvent,
-        "padding_nm": padding if solvent == "explicit" else None,
-        "ionic_strength_molar": float(ionic_strength) if solvent == "explicit" else None,
-        "nonbonded_cutoff_nm": nonbonded_cutoff if solvent == "explicit" else None,
+        "padding_nm": padding if explicit else None,
+        "ionic_strength_molar": float(ionic_strength) if explicit else None,
+        "nonbonded_cutoff_nm": nonbonded_cutoff if explicit else None,
         "constraints": str(constraints),
         "hydrogen_mass_amu": hydrogen_mass,
         "temperature": temperature,
@@ -802,55 +778,22 @@ def generate_reference(
         "all_atom_format": all_atom_format,
         "all_atom_interval_frames": int(all_atom_interval_frames) if all_atom_format else None,
     }
-    metadata = {
-        "source": "openmm_flowmatch.data.reference.generate_reference",
-        "pdb": Path(pdb).name,
-        "temperature": temperature,
-        "mapping": cg_mapping.to_dict(),
-        "topology": cg_mapping.topology_description(),
-        "force_map": "constraint-valid (CGMapping.force_map of the all-atom System)",
-        "n_atoms": int(topology.getNumAtoms()),
-        "n_solute_atoms": int(n_solute),
-        "package_version": __version__,
-        "openmm_version": openmm.__version__,
-        "units": {"positions": "nm", "forces": "kJ/mol/nm", "time": "ps", "temperature": "K", "masses": "amu"},
-        **{key: value for key, value in settings.items() if key not in ("mapping",)},
-    }
-
-    def make_context(random_seed: int):
-        def make_integrator():
-            integrator = openmm.LangevinMiddleIntegrator(temperature, friction_per_ps, time_step_ps)
-            integrator.setRandomNumberSeed(random_seed)
-            return integrator
-
-        return _create_context(system, make_integrator, platform, threads, precision, platform_properties)
-
-    minimized: dict[str, np.ndarray] = {}
-
-    def start_positions() -> np.ndarray:
-        if "positions" not in minimized:
-            context, _ = make_context(replica_seed(seed, 0))
-            context.setPositions(positions)
-            if minimize:
-                logger.info("minimising the energy on platform %s", context.getPlatform().getName())
-                openmm.LocalEnergyMinimizer.minimize(context, float(minimization_tolerance), 0)
-            state = context.getState(getPositions=True)
-            minimized["positions"] = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-            del context
-        return minimized["positions"]
-
+    metadata = _reference_metadata(settings, Path(pdb).name, cg_mapping, int(topology.getNumAtoms()), int(n_solute))
+    contexts = _ContextFactory(system, positions, temperature, friction_per_ps, time_step_ps, seed,
+                               (platform, threads, precision, platform_properties), minimize, minimization_tolerance)
     paths = []
     for replica in range(replicas):
+        per_replica = {"replica": replica, "replica_seed": replica_seed(seed, replica)}
         run = _ReplicaRun(
             replica=replica,
             paths=_replica_paths(out_dir, replica, all_atom_format),
-            settings={**settings, "replica": replica, "replica_seed": replica_seed(seed, replica)},
-            metadata={**metadata, "replica": replica, "replica_seed": replica_seed(seed, replica)},
+            settings={**settings, **per_replica},
+            metadata={**metadata, **per_replica},
             solute_topology=solute_topology,
             n_solute=n_solute,
             coordinate_map=coordinate_map,
             force_map=force_map,
-            n_frames_total=n_frames_total,
+            n_frames_total=int(round(duration_ps / frame_interval_ps)),
             frame_interval_ps=frame_interval_ps,
             save_interval_steps=save_interval_steps,
             all_atom_interval_frames=all_atom_interval_frames,
@@ -858,16 +801,108 @@ def generate_reference(
         )
         paths.append(
             run.execute(
-                make_context=make_context,
-                start_positions=start_positions,
+                make_context=contexts.make_context,
+                start_positions=contexts.start_positions,
                 temperature=temperature,
-                equilibration_steps=equilibration_steps,
+                equilibration_steps=int(round(equilibration_ps / time_step_ps)),
                 overwrite=overwrite,
                 progress=progress,
                 progress_callback=progress_callback,
             )
         )
     return paths
+
+
+def _check_run_lengths(time_step_ps: float, save_interval_steps: int, duration_ps: float, equilibration_ps: float,
+                       replicas: int, checkpoint_interval_frames: int, all_atom_interval_frames: int) -> None:
+    if time_step_ps <= 0 or save_interval_steps < 1 or duration_ps < 0 or equilibration_ps < 0:
+        raise ReferenceGenerationError(
+            "time_step_ps must be positive, save_interval_steps ≥ 1, duration_ps and equilibration_ps ≥ 0"
+        )
+    if replicas < 1 or checkpoint_interval_frames < 1 or all_atom_interval_frames < 1:
+        raise ReferenceGenerationError("replicas, checkpoint_interval_frames and all_atom_interval_frames must be ≥ 1")
+
+
+def _checked_all_atom_format(all_atom_format: str | None) -> str | None:
+    if all_atom_format is None:
+        return None
+    all_atom_format = all_atom_format.lower().lstrip(".")
+    if all_atom_format not in ("dcd", "xtc"):
+        raise ReferenceGenerationError(f"all_atom_format must be 'dcd', 'xtc' or None, got {all_atom_format!r}")
+    return all_atom_format
+
+
+def _resolved_hydrogen_mass(hydrogen_mass: Any, time_step_ps: float) -> float | None:
+    """Hydrogen mass in amu, or ``None`` for standard masses; ``"auto"``: 3 amu above 2.5 fs."""
+    import openmm.unit as unit
+
+    if isinstance(hydrogen_mass, str):
+        if hydrogen_mass.lower() != "auto":
+            raise ReferenceGenerationError(f"hydrogen_mass must be a mass in amu, 'auto' or None, got {hydrogen_mass!r}")
+        return 3.0 if time_step_ps > 0.0025 else None
+    return None if hydrogen_mass is None else float(strip_unit(hydrogen_mass, unit.amu))
+
+
+def _reference_metadata(settings: dict, pdb_name: str, cg_mapping: CGMapping, n_atoms: int, n_solute: int) -> dict:
+    """The metadata every replica's file carries (its settings without the mapping, plus provenance)."""
+    import openmm
+
+    from .. import __version__
+
+    return {
+        "source": "openmm_flowmatch.data.reference.generate_reference",
+        "pdb": pdb_name,
+        "temperature": settings["temperature"],
+        "mapping": cg_mapping.to_dict(),
+        "topology": cg_mapping.topology_description(),
+        "force_map": "constraint-valid (CGMapping.force_map of the all-atom System)",
+        "n_atoms": n_atoms,
+        "n_solute_atoms": n_solute,
+        "package_version": __version__,
+        "openmm_version": openmm.__version__,
+        "units": {"positions": "nm", "forces": "kJ/mol/nm", "time": "ps", "temperature": "K", "masses": "amu"},
+        **{key: value for key, value in settings.items() if key not in ("mapping",)},
+    }
+
+
+class _ContextFactory:
+    """Langevin Contexts of the all-atom System for the replicas, and their common start: the
+    structure's positions, energy-minimised once (on first use) when asked."""
+
+    def __init__(self, system, positions, temperature: float, friction_per_ps: float, time_step_ps: float, seed: int,
+                 platform_options: tuple, minimize: bool, minimization_tolerance: float) -> None:
+        self.system, self.positions = system, positions
+        self.temperature, self.friction_per_ps, self.time_step_ps = temperature, friction_per_ps, time_step_ps
+        self.seed, self.platform_options = seed, platform_options
+        self.minimize, self.minimization_tolerance = minimize, minimization_tolerance
+        self._start: np.ndarray | None = None
+
+    def make_context(self, random_seed: int):
+        """``(context, integrator)`` from :func:`_create_context`, the integrator seeded with ``random_seed``."""
+        import openmm
+
+        def make_integrator():
+            integrator = openmm.LangevinMiddleIntegrator(self.temperature, self.friction_per_ps, self.time_step_ps)
+            integrator.setRandomNumberSeed(random_seed)
+            return integrator
+
+        return _create_context(self.system, make_integrator, *self.platform_options)
+
+    def start_positions(self) -> np.ndarray:
+        """The replicas' start positions in nm (minimised once, then kept)."""
+        if self._start is None:
+            import openmm
+            import openmm.unit as unit
+
+            context, _ = self.make_context(replica_seed(self.seed, 0))
+            context.setPositions(self.positions)
+            if self.minimize:
+                logger.info("minimising the energy on platform %s", context.getPlatform().getName())
+                openmm.LocalEnergyMinimizer.minimize(context, float(self.minimization_tolerance), 0)
+            state = context.getState(getPositions=True)
+            self._start = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+            del context
+        return self._start
 
 
 def _write_structure(path: Path, topology, positions: np.ndarray) -> None:
