@@ -534,12 +534,8 @@ def train_force_field(
     if learning_rate is None:
         learning_rate = PUBLISHED_LEARNING_RATES[0] if schedule_name == "published" else 1e-3
     optimizer = adam_optimizer(model.parameters(), learning_rate, weight_decay)
-    if schedule_name == "published":
-        scheduler: Any = published_schedule(optimizer, total_steps)
-    else:
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, factor=learning_rate_factor, patience=learning_rate_patience, min_lr=minimum_learning_rate
-        )
+    scheduler = _learning_rate_scheduler(optimizer, schedule_name, total_steps, learning_rate_factor,
+                                         learning_rate_patience, minimum_learning_rate)
     fingerprint = {
         "frames": len(train),
         "validation_frames": len(validation),
@@ -572,35 +568,52 @@ def train_force_field(
     model.load_state_dict(run.best_state)
     model.eval()
     step_mode = max_steps is not None or validation_interval is not None
-    model.training_info = {
-        "method": method,
-        "frames": len(train),
-        "validation_frames": len(validation),
+    model.training_info = _training_info(model, run, fingerprint | settings, steps_per_epoch, step_mode,
+                                         ranks.world_size, _temperature_of(data), time.perf_counter() - started)
+    return model
+
+
+def _learning_rate_scheduler(optimizer: torch.optim.Optimizer, schedule_name: str, total_steps: int, factor: float,
+                             patience: int, minimum_learning_rate: float) -> Any:
+    """The published step-wise decay over ``total_steps``, or ReduceLROnPlateau (``"plateau"``)."""
+    if schedule_name == "published":
+        return published_schedule(optimizer, total_steps)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=factor, patience=patience,
+                                                      min_lr=minimum_learning_rate)
+
+
+def _training_info(model: nn.Module, run: "_RunState", configuration: dict, steps_per_epoch: int, step_mode: bool,
+                   world_size: int, temperature: Optional[float], seconds: float) -> dict:
+    """``model.training_info``: the run's settings (``configuration``: fingerprint and settings), its
+    history and where the kept weights come from."""
+    return {
+        "method": configuration["method"],
+        "frames": configuration["frames"],
+        "validation_frames": configuration["validation_frames"],
         "epochs": math.ceil(run.step / steps_per_epoch) if step_mode else len(run.history["train_loss"]),
         "steps": int(run.step),
         "best_epoch": int(run.best_step // steps_per_epoch if step_mode else run.best_validation),
         "best_step": int(run.best_step),
-        "validation_interval": int(interval),
+        "validation_interval": int(configuration["interval"]),
         "validation_steps": [int(value) for value in run.history.get("step", [])],
         "stopped_early": bool(run.stopped_early),
-        "seed": int(seed),
-        "batch_size": int(batch_size),
-        "learning_rate": float(learning_rate),
-        "learning_rate_schedule": schedule_name,
-        "weight_decay": float(weight_decay),
-        "dtype": str(dtype).replace("torch.", ""),
-        "precomputed_features": bool(precompute),
-        "world_size": int(ranks.world_size),
-        "temperature": _temperature_of(data),
+        "seed": int(configuration["seed"]),
+        "batch_size": int(configuration["batch_size"]),
+        "learning_rate": float(configuration["learning_rate"]),
+        "learning_rate_schedule": configuration["schedule"],
+        "weight_decay": float(configuration["weight_decay"]),
+        "dtype": configuration["dtype"].replace("torch.", ""),
+        "precomputed_features": bool(configuration["precompute"]),
+        "world_size": int(world_size),
+        "temperature": temperature,
         "loss": "mean squared force error, (kJ/mol/nm)^2",
         "initial_validation_loss": float(run.history["initial_validation_loss"][0]),
         "best_validation_loss": float(run.best_loss) if math.isfinite(run.best_loss) else None,
         "train_loss": [float(value) for value in run.history["train_loss"]],
         "validation_loss": [float(value) for value in run.history["validation_loss"]],
-        "training_seconds": time.perf_counter() - started,
+        "training_seconds": seconds,
         "model": model.config() if hasattr(model, "config") else {"class": type(model).__name__},
     }
-    return model
 
 
 def _check_arguments(method: str, epochs: int, max_steps: Optional[int], batch_size: int,
