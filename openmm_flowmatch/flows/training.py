@@ -20,10 +20,11 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..distributed import (
@@ -199,22 +200,7 @@ def train_flow(
         ``training_history`` attribute lists per-epoch ``{"epoch", "train_nll", "validation_nll",
         "learning_rate", "seconds"}`` (NLL in nats per frame).
     """
-    if validation_data is not None:
-        train = _positions_of(data, "data")
-        validation = _positions_of(validation_data, "validation_data")
-    elif hasattr(data, "split") and hasattr(data, "positions"):
-        # a CGDataset: the last block of every run validates (split(test=0))
-        train_set, validation_set, _ = data.split(validation=validation_fraction, test=0.0)
-        train = _positions_of(train_set, "data")
-        validation = _positions_of(validation_set, "validation_data")
-        if len(validation) == 0:
-            raise FlowTrainingError(f"validation_fraction={validation_fraction} leaves no validation frames")
-    else:
-        train, validation = _split(_positions_of(data, "data"), validation_fraction)
-    if train.shape[1:] != validation.shape[1:]:
-        raise FlowTrainingError(
-            f"training frames have {train.shape[1]} beads but validation frames have {validation.shape[1]}"
-        )
+    train, validation = _training_and_validation_positions(data, validation_data, validation_fraction)
     if batch_size < 1 or epochs < 1 or patience < 1:
         raise FlowTrainingError("batch_size, epochs and patience must be ≥ 1")
     device = _resolve_device(device)
@@ -258,18 +244,8 @@ def train_flow(
                disable=not (progress and ranks.is_main))
     while state["epoch"] < epochs and not state["done"]:
         started = time.perf_counter()
-        flow.train()
         order = torch.randperm(len(train_tensor), generator=shuffle).to(device)
-        total, count = 0.0, 0
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            loss = _batch_gradients(flow, train_tensor, batch, ranks)
-            if gradient_clip is not None:
-                torch.nn.utils.clip_grad_norm_(flow.parameters(), gradient_clip)
-            optimizer.step()
-            total += loss * len(batch)
-            count += len(batch)
+        train_nll = _train_one_epoch(flow, optimizer, train_tensor, order, batch_size, gradient_clip, ranks)
         flow.eval()
         validation_nll, outside = _chunked_nll(flow, validation_tensor, 4096, ranks)
         learning_rate_now = optimizer.param_groups[0]["lr"]
@@ -277,24 +253,13 @@ def train_flow(
         state["epoch"] += 1
         record = {
             "epoch": state["epoch"],
-            "train_nll": total / count,
+            "train_nll": train_nll,
             "validation_nll": validation_nll,
             "validation_outside_support": outside,
             "learning_rate": learning_rate_now,
             "seconds": time.perf_counter() - started,
         }
-        state["history"].append(record)
-        if validation_nll < state["best_validation"]:
-            state["best_validation"] = validation_nll
-            state["best_state"] = {k: v.detach().cpu().clone() for k, v in flow.state_dict().items()}
-        if validation_nll < state["reference_validation"] - min_improvement:
-            state["reference_validation"] = validation_nll
-            state["stale_epochs"] = 0
-        else:
-            state["stale_epochs"] += 1
-            if state["stale_epochs"] >= patience:
-                state["done"] = True
-                logger.info("early stopping after epoch %d (best validation NLL %.4f)", state["epoch"], state["best_validation"])
+        _record_epoch(state, record, flow, min_improvement, patience)
         if outside:
             logger.warning("%d validation frames lie outside the flow's bond/angle intervals (log q = −inf)", outside)
         logger.info(
@@ -312,6 +277,63 @@ def train_flow(
     flow.eval()
     flow.training_history = list(state["history"])
     return flow
+
+
+def _training_and_validation_positions(data: Any, validation_data: Any,
+                                       validation_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation frames: ``validation_data`` when given, else a CGDataset's split
+    (the last block of every run validates), else the last ``validation_fraction`` of ``data``."""
+    if validation_data is not None:
+        train = _positions_of(data, "data")
+        validation = _positions_of(validation_data, "validation_data")
+    elif hasattr(data, "split") and hasattr(data, "positions"):
+        train_set, validation_set, _ = data.split(validation=validation_fraction, test=0.0)
+        train = _positions_of(train_set, "data")
+        validation = _positions_of(validation_set, "validation_data")
+        if len(validation) == 0:
+            raise FlowTrainingError(f"validation_fraction={validation_fraction} leaves no validation frames")
+    else:
+        train, validation = _split(_positions_of(data, "data"), validation_fraction)
+    if train.shape[1:] != validation.shape[1:]:
+        raise FlowTrainingError(
+            f"training frames have {train.shape[1]} beads but validation frames have {validation.shape[1]}"
+        )
+    return train, validation
+
+
+def _train_one_epoch(flow: CGFlow, optimizer: torch.optim.Optimizer, train: Tensor, order: Tensor, batch_size: int,
+                     gradient_clip: Optional[float], ranks: Ranks) -> float:
+    """One pass over ``train`` in the order ``order``; the mean training NLL (nats per frame)."""
+    flow.train()
+    total, count = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        optimizer.zero_grad(set_to_none=True)
+        loss = _batch_gradients(flow, train, batch, ranks)
+        if gradient_clip is not None:
+            torch.nn.utils.clip_grad_norm_(flow.parameters(), gradient_clip)
+        optimizer.step()
+        total += loss * len(batch)
+        count += len(batch)
+    return total / count
+
+
+def _record_epoch(state: dict, record: dict, flow: CGFlow, min_improvement: float, patience: int) -> None:
+    """Add the epoch's record to ``state``: keep the best weights, count epochs without an
+    improvement of ``min_improvement`` and stop after ``patience`` of them."""
+    state["history"].append(record)
+    validation_nll = record["validation_nll"]
+    if validation_nll < state["best_validation"]:
+        state["best_validation"] = validation_nll
+        state["best_state"] = {k: v.detach().cpu().clone() for k, v in flow.state_dict().items()}
+    if validation_nll < state["reference_validation"] - min_improvement:
+        state["reference_validation"] = validation_nll
+        state["stale_epochs"] = 0
+    else:
+        state["stale_epochs"] += 1
+        if state["stale_epochs"] >= patience:
+            state["done"] = True
+            logger.info("early stopping after epoch %d (best validation NLL %.4f)", state["epoch"], state["best_validation"])
 
 
 OUTSIDE_SUPPORT_MESSAGE = (
