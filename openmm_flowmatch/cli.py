@@ -569,8 +569,6 @@ def _add_training_options(sub: argparse.ArgumentParser, epochs: int, batch_size:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``openmm-flowmatch`` (one subparser per subcommand)."""
-    from openmm_flowmatch.demo import FULL
-
     parser = argparse.ArgumentParser(
         prog=PROGRAM, formatter_class=_Formatter,
         description="Flow-matching coarse-grained force fields for OpenMM (units: nm, ps, K, kJ/mol).",
@@ -592,7 +590,53 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
         return sub
 
-    sub = add("generate", command_generate, "All-atom reference MD with OpenMM, saved as CG positions and mapped forces (HDF5).")
+    _generate_arguments(add(
+        "generate", command_generate,
+        "All-atom reference MD with OpenMM, saved as CG positions and mapped forces (HDF5).",
+    ))
+    _fit_priors_arguments(add(
+        "fit-priors", command_fit_priors,
+        "Fit prior terms (harmonic bonds/angles, repulsion) to CG data by Boltzmann inversion.",
+    ))
+    _train_flow_arguments(add(
+        "train-flow", command_train_flow,
+        "Train the normalizing-flow teacher on CG positions (maximum likelihood).",
+    ))
+    _teacher_arguments(add(
+        "teacher", command_teacher,
+        "Draw flow samples with forces kT∇log q (kJ/mol/nm), drop outliers, write HDF5.",
+    ))
+    _train_ff_arguments(add(
+        "train-ff", command_train_ff,
+        "Train the CG network by force matching (teacher forces: flow-matching).",
+    ))
+    _export_arguments(add(
+        "export", command_export,
+        "Write the TorchScript force-field artifact (.pt with metadata) for OpenMM.",
+    ))
+    _simulate_arguments(add(
+        "simulate", command_simulate,
+        "Simulate an exported force field in OpenMM (Langevin, replicas, DCD/XTC, checkpoints).",
+    ))
+    _check_time_step_arguments(add(
+        "check-time-step", command_check_time_step,
+        "Find the largest time step at which a force field integrates soundly (kinetic T within 2 percent of the bath, "
+        "bond widths within 10 percent of the data) and record it in the artifact.",
+    ))
+    _analyze_arguments(add(
+        "analyze", command_analyze,
+        "Free-energy surfaces (φ/ψ or TICA), FES MSE, JS and KL divergences, PNG + JSON.",
+    ))
+    _demo_arguments(add(
+        "demo", command_demo,
+        "End-to-end alanine-dipeptide demo (reference → flow → teacher → force field → OpenMM → φ/ψ).",
+    ))
+    _benchmark_arguments(add("benchmark", command_benchmark, "Run a script from benchmarks/ by name, or list them."))
+    return parser
+
+
+def _generate_arguments(sub: argparse.ArgumentParser) -> None:
+    """The options of `generate`."""
     sub.add_argument("pdb", help="all-atom structure (PDB/mmCIF)")
     sub.add_argument("--out", required=True, help="output directory (resumed if it holds checkpoints)")
     sub.add_argument("--mapping", default="backbone", choices=["backbone", "alpha_carbons", "center_of_mass"], help="CG map")
@@ -610,21 +654,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--seed", type=int, default=0, help="random seed")
     _add_platform(sub)
 
-    sub = add("fit-priors", command_fit_priors, "Fit prior terms (harmonic bonds/angles, repulsion) to CG data by Boltzmann inversion.")
+
+def _fit_priors_arguments(sub: argparse.ArgumentParser) -> None:
+    """The options of `fit-priors`."""
     sub.add_argument("data", nargs="+", help="CG data files or directories from `generate`")
     sub.add_argument("--out", required=True, help="output JSON file")
     sub.add_argument("--temperature", type=float, default=None, help="temperature (K); default: from the data")
     sub.add_argument("--repulsion", default="auto", choices=["auto", "yes", "no"], help="repulsion between beads > 2 bonds apart (auto: not for 5 beads)")
     sub.add_argument("--dihedrals", action="store_true", help="add periodic dihedral priors")
 
-    sub = add("train-flow", command_train_flow, "Train the normalizing-flow teacher on CG positions (maximum likelihood).")
+
+def _train_flow_arguments(sub: argparse.ArgumentParser) -> None:
+    """The options of `train-flow`."""
     sub.add_argument("data", nargs="+", help="CG data files or directories")
     sub.add_argument("--out", required=True, help="output flow file (.pt)")
     _add_training_options(sub, epochs=50, batch_size=256)
     sub.add_argument("--blocks", type=int, default=4, help="coupling blocks")
     sub.add_argument("--hidden", type=int, default=128, help="hidden units of the conditioners")
 
-    sub = add("teacher", command_teacher, "Draw flow samples with forces kT∇log q (kJ/mol/nm), drop outliers, write HDF5.")
+
+def _teacher_arguments(sub: argparse.ArgumentParser) -> None:
+    """The options of `teacher`."""
     sub.add_argument("flow", help="flow file from `train-flow`")
     sub.add_argument("--out", required=True, help="output HDF5 file")
     sub.add_argument("--samples", type=int, default=100000, help="samples to keep")
@@ -634,7 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--batch-size", type=int, default=1024, help="samples per batch")
     sub.add_argument("--seed", type=int, default=0, help="random seed")
 
-    sub = add("train-ff", command_train_ff, "Train the CG network by force matching (teacher forces: flow-matching).")
+
+def _train_ff_arguments(sub: argparse.ArgumentParser) -> None:
+    """The options of `train-ff`."""
     sub.add_argument("data", nargs="+", help="CG data with forces (teacher file, or reference data for the force-matching baseline)")
     sub.add_argument("--out", required=True, help="output network file (.pt)")
     sub.add_argument("--priors", default=None, help="priors JSON from `fit-priors`")
@@ -650,7 +702,9 @@ def build_parser() -> argparse.ArgumentParser:
         "angles are soft) or all of CGnet's (bonds and angles too; the default for force matching)",
     )
 
-    sub = add("export", command_export, "Write the TorchScript force-field artifact (.pt with metadata) for OpenMM.")
+
+def _export_arguments(sub: argparse.ArgumentParser) -> None:
+    """The options of `export`."""
     sub.add_argument("model", help="network file from `train-ff`")
     sub.add_argument("--reference", required=True, help="reference data file (mapping, temperature)")
     sub.add_argument("--priors", default=None, help="priors JSON the network was trained with")
@@ -658,7 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--temperature", type=float, default=None, help="training temperature (K); default: from --reference")
     sub.add_argument("--replicas", type=int, default=1, help="default number of replicas recorded in the artifact")
 
-    sub = add("simulate", command_simulate, "Simulate an exported force field in OpenMM (Langevin, replicas, DCD/XTC, checkpoints).")
+
+def _simulate_arguments(sub: argparse.ArgumentParser) -> None:
+    """The options of `simulate`."""
     sub.add_argument("artifact", help="force-field artifact from `export`")
     sub.add_argument("pdb", help="start structure: CG PDB (one atom per bead) or the all-atom PDB")
     sub.add_argument("--out", required=True, help="output directory (continued if it holds checkpoints)")
@@ -685,11 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--seed", type=int, default=0, help="random seed")
     _add_platform(sub)
 
-    sub = add(
-        "check-time-step", command_check_time_step,
-        "Find the largest time step at which a force field integrates soundly (kinetic T within 2 percent of the bath, "
-        "bond widths within 10 percent of the data) and record it in the artifact.",
-    )
+
+def _check_time_step_arguments(sub: argparse.ArgumentParser) -> None:
+    """The options of `check-time-step`."""
     sub.add_argument("artifact", help="force-field artifact from `export`")
     sub.add_argument("structure", help="start structure: CG PDB (one atom per bead) or the all-atom PDB")
     sub.add_argument("--time-steps", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0, 5.0], help="time steps to try (fs)")
@@ -705,7 +759,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", default=None, help="also write the report as JSON to this file")
     _add_platform(sub)
 
-    sub = add("analyze", command_analyze, "Free-energy surfaces (φ/ψ or TICA), FES MSE, JS and KL divergences, PNG + JSON.")
+
+def _analyze_arguments(sub: argparse.ArgumentParser) -> None:
+    """The options of `analyze`."""
     sub.add_argument("--reference", nargs="+", required=True, help="reference data files/trajectories (or directories)")
     sub.add_argument("--model", nargs="+", required=True, help="model trajectories/data (or simulation directories)")
     sub.add_argument("--out", required=True, help="output directory for metrics.json and the PNG")
@@ -726,7 +782,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--frame-interval", type=float, default=None, help="time between reference frames (ps), for transition rates")
     sub.add_argument("--model-frame-interval", type=float, default=None, help="time between model frames (ps); default --frame-interval")
 
-    sub = add("demo", command_demo, "End-to-end alanine-dipeptide demo (reference → flow → teacher → force field → OpenMM → φ/ψ).")
+
+def _demo_arguments(sub: argparse.ArgumentParser) -> None:
+    """The options of `demo`."""
+    from openmm_flowmatch.demo import FULL
+
     sub.add_argument("--out", required=True, help="output directory; stages done before are skipped")
     sub.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for tests, not meaningful)")
     sub.add_argument("--reference-ps", type=float, default=None, help=f"all-atom reference length (ps); default {FULL.reference_ps:g}")
@@ -739,11 +799,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--seed", type=int, default=None, help=f"random seed; default {FULL.seed}")
     _add_platform(sub, default="CPU")
 
-    sub = add("benchmark", command_benchmark, "Run a script from benchmarks/ by name, or list them.")
+
+def _benchmark_arguments(sub: argparse.ArgumentParser) -> None:
+    """The options of `benchmark`."""
     sub.add_argument("name", nargs="?", default=None, help="benchmark name (file name without .py); none: list")
     sub.add_argument("arguments", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     sub.add_argument("--directory", default=None, help="benchmarks folder (default: ./benchmarks)")
-    return parser
 
 
 def _setup_logging(debug: bool, quiet: bool) -> None:
