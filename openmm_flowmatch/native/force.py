@@ -107,6 +107,37 @@ def network_parameters(force_field: Any) -> dict:
             f"the native kernel evaluates only CGNet (residual MLP on invariant features); this force field holds "
             f"a {what}; {_REMEDY}"
         )
+    activation = _checked_activation(network, config)
+    state, n_residual = _checked_state(network)
+
+    def table(key: str, width: int) -> np.ndarray:
+        return state[key].to(torch.long).numpy().reshape(-1, width).astype(np.int64)
+
+    def array(key: str) -> np.ndarray:
+        return state[key].to(torch.float64).numpy().copy()
+
+    layers = [(array("input_layer.weight"), array("input_layer.bias"))]
+    layers += [
+        (array(f"residual_layers.{i}.linear.weight"), array(f"residual_layers.{i}.linear.bias")) for i in range(n_residual)
+    ]
+    layers.append((array("output_layer.weight"), array("output_layer.bias")))
+    parameters = {
+        "n_beads": int(network.n_beads),
+        "activation": activation,
+        "bonds": table("features.bond_index", 2),
+        "angles": table("features.angle_index", 3),
+        "dihedrals": table("features.dihedral_index", 4),
+        "pairs": table("features.pair_index", 2),
+        "mean": array("features.mean"),
+        "std": array("features.std"),
+        "layers": layers,
+    }
+    _check_shapes(parameters)
+    return parameters
+
+
+def _checked_activation(network: Any, config: dict) -> str:
+    """The kernel's name of the CGNet's one activation (:class:`UnsupportedNetworkError` otherwise)."""
     activation_modules = [network.input_activation] + [block.activation for block in network.residual_layers.children()]
     names = {_class_name(module) for module in activation_modules}
     if len(names) != 1 or next(iter(names)) not in SUPPORTED_ACTIVATIONS:
@@ -128,6 +159,12 @@ def network_parameters(force_field: Any) -> dict:
             f"the artifact's metadata names activation {config['activation']!r} but its module uses {activation_class}; "
             "re-export the model"
         )
+    return activation
+
+
+def _checked_state(network: Any) -> tuple[dict, int]:
+    """The CGNet's state (on the CPU) and its number of residual layers, checked to hold exactly the
+    parameters and buffers the kernel knows (the Lipschitz projection's warm-start vectors aside)."""
     state = {key: value.detach().cpu() for key, value in network.state_dict().items()}
     n_residual = len(list(network.residual_layers.children()))
     expected = {
@@ -144,39 +181,20 @@ def network_parameters(force_field: Any) -> dict:
             f"this CGNet's parameters differ from the layout the native kernel knows "
             f"(unexpected: {sorted(extra)}, missing: {sorted(missing)}); {_REMEDY}"
         )
+    return state, n_residual
 
-    def table(key: str, width: int) -> np.ndarray:
-        return state[key].to(torch.long).numpy().reshape(-1, width).astype(np.int64)
 
-    def array(key: str) -> np.ndarray:
-        return state[key].to(torch.float64).numpy().copy()
-
-    layers = [(array("input_layer.weight"), array("input_layer.bias"))]
-    layers += [
-        (array(f"residual_layers.{i}.linear.weight"), array(f"residual_layers.{i}.linear.bias")) for i in range(n_residual)
-    ]
-    layers.append((array("output_layer.weight"), array("output_layer.bias")))
-    n_beads = int(network.n_beads)
-    parameters = {
-        "n_beads": n_beads,
-        "activation": activation,
-        "bonds": table("features.bond_index", 2),
-        "angles": table("features.angle_index", 3),
-        "dihedrals": table("features.dihedral_index", 4),
-        "pairs": table("features.pair_index", 2),
-        "mean": array("features.mean"),
-        "std": array("features.std"),
-        "layers": layers,
-    }
+def _check_shapes(parameters: dict) -> None:
+    """The layer and standardisation shapes must fit the number of features the tables give."""
     n_features = (
         len(parameters["bonds"]) + len(parameters["angles"]) + 2 * len(parameters["dihedrals"]) + len(parameters["pairs"])
     )
+    layers = parameters["layers"]
     width = layers[0][0].shape[0]
     shapes_ok = layers[0][0].shape == (width, n_features) and layers[-1][0].shape == (1, width)
     shapes_ok = shapes_ok and all(weight.shape == (width, width) for weight, _ in layers[1:-1])
     if not shapes_ok or parameters["mean"].shape != (n_features,) or parameters["std"].shape != (n_features,):
         raise UnsupportedNetworkError(f"this CGNet's layer shapes are inconsistent with its {n_features} features; {_REMEDY}")
-    return parameters
 
 
 def _b64(values: np.ndarray) -> str:
