@@ -6,7 +6,8 @@ exactly, U_prior + U_net = −kT log q + const, so the residual
     r(x) = (U_prior(x) + U_net(x) + kT log q(x)) / kT
 
 would be one constant everywhere. This script measures r on the flow's own teacher samples, by
-φ/ψ region (β/PII and αR as in the demo's basin populations, and in ψ bins at φ < 0): a
+φ/ψ region (β/PII and αR of ``analysis.alanine_basins``, as the demo's basin populations, and
+in ψ bins at φ < 0): a
 difference of the basin medians of Δr kT means the CG model puts αR Δr kT too high (negative:
 too low) relative to β/PII compared with its own teacher — a basin-balance error that no
 simulation length removes. It takes a finished demo directory (``openmm-flowmatch demo --out
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from openmm_flowmatch.analysis import phi_psi
+from openmm_flowmatch.analysis import alanine_basins
 from openmm_flowmatch.data.storage import read_cg_file
 from openmm_flowmatch.demo import FULL
 from openmm_flowmatch.flows.model import CGFlow
@@ -46,14 +47,6 @@ from openmm_flowmatch.priors import Priors
 from openmm_flowmatch.units import BOLTZMANN_KJ_PER_MOL_PER_K
 
 PSI_BINS = np.linspace(-np.pi, np.pi, 13)
-
-
-def basin_masks(positions: np.ndarray) -> dict[str, np.ndarray]:
-    """β/PII, αR and φ < 0 masks (the regions of the demo's basin populations, rad)."""
-    phi, psi = phi_psi(positions)
-    left = phi < 0
-    return {"beta_pII": left & ((psi >= 1.5) | (psi < -2.8)), "alpha_R": left & (psi >= -1.6) & (psi < 1.0),
-            "phi_negative": left, "psi": psi}
 
 
 def residuals(network, priors: Priors, flow: CGFlow, positions: np.ndarray, temperature: float) -> np.ndarray:
@@ -130,7 +123,7 @@ def main() -> None:
     bonds = CGMapping.from_dict(reference["metadata"]["mapping"]).bonds
     flow = CGFlow.load(demo / "flow.pt")
     positions = teacher["positions"][: arguments.samples]
-    masks = basin_masks(positions)
+    masks = alanine_basins(positions)
     demo_network = load_network(demo / "forcefield_network.pt")
     results = {"demo network": summarize(residuals(demo_network, priors, flow, positions, temperature), masks)}
     results["demo network"]["features"] = {key: value for key, value in demo_network.config()["features"].items()
@@ -141,7 +134,7 @@ def main() -> None:
         summary = summarize(residuals(network, priors, flow, positions, temperature), masks)
         summary["best_validation_loss"] = network.training_info.get("best_validation_loss")
         results[feature_set] = summary
-    teacher_masks = basin_masks(teacher["positions"])
+    teacher_masks = alanine_basins(teacher["positions"])
     output = {
         "benchmark": "basin balance of flow-matching CG networks against their own teacher (benchmarks/basin_offset.py)",
         "command": shown_command(sys.argv, demo),

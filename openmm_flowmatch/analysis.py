@@ -37,6 +37,7 @@ __all__ = [
     "PERIODIC_RANGE",
     "dihedrals",
     "phi_psi",
+    "alanine_basins",
     "free_energy_2d",
     "free_energy_from_histogram",
     "fes_mse",
@@ -182,6 +183,23 @@ def phi_psi(positions: Any) -> tuple[np.ndarray, np.ndarray]:
         )
     angles = dihedrals(x, [[0, 1, 2, 3], [1, 2, 3, 4]])
     return angles[:, 0], angles[:, 1]
+
+
+def alanine_basins(positions: Any) -> dict[str, np.ndarray]:
+    """Boolean ``(frames,)`` masks of the alanine-dipeptide φ/ψ regions, and ψ itself.
+
+    Regions (rad): ``beta_pII``: φ ∈ [−π, 0), ψ ∈ [1.5, π) ∪ [−π, −2.8); ``alpha_R``:
+    φ ∈ [−π, 0), ψ ∈ [−1.6, 1.0); ``phi_negative``: φ < 0 (its complement holds αL and C7ax);
+    ``psi``: ψ in radians (for profiles along ψ). Positions as for :func:`phi_psi`.
+    """
+    phi, psi = phi_psi(positions)
+    left = phi < 0
+    return {
+        "beta_pII": left & ((psi >= 1.5) | (psi < -2.8)),
+        "alpha_R": left & (psi >= -1.6) & (psi < 1.0),
+        "phi_negative": left,
+        "psi": psi,
+    }
 
 
 def pairwise_distances(positions: Any, min_separation: int = 1) -> np.ndarray:

@@ -1,11 +1,12 @@
-"""benchmarks/basin_offset.py: basin masks on chains with known φ/ψ, and the residual summary."""
+"""analysis.alanine_basins on chains with known φ/ψ; benchmarks/basin_offset.py's residual summary."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from benchmark_helpers import alanine_like_run, load_benchmark
+
+from openmm_flowmatch.analysis import alanine_basins
 
 
 @pytest.fixture(scope="module")
@@ -13,9 +14,9 @@ def basin_offset():
     return load_benchmark("basin_offset")
 
 
-def test_basin_masks_find_the_two_basins_of_known_chains(basin_offset):
+def test_alanine_basins_find_the_two_basins_of_known_chains():
     positions, _ = alanine_like_run(4000, seed=3)  # 70 % at (φ, ψ) = (−2.5, 2.6), 30 % at (−1.4, −0.6), sd 0.3 rad
-    masks = basin_offset.basin_masks(positions)
+    masks = alanine_basins(positions)
     assert masks["beta_pII"].mean() == pytest.approx(0.70, abs=0.03)  # ψ ~ N(2.6, 0.3): ≥ 1.5 (or wrapped < −2.8)
     assert masks["alpha_R"].mean() == pytest.approx(0.30, abs=0.03)
     assert not (masks["beta_pII"] & masks["alpha_R"]).any()
@@ -23,7 +24,7 @@ def test_basin_masks_find_the_two_basins_of_known_chains(basin_offset):
 
 def test_summary_recovers_a_known_offset_between_basins(basin_offset):
     positions, _ = alanine_like_run(3000, seed=4)
-    masks = basin_offset.basin_masks(positions)
+    masks = alanine_basins(positions)
     values = 7.0 + 1.5 * masks["alpha_R"] + 0.0 * masks["beta_pII"]
     summary = basin_offset.summarize(values, masks)
     assert summary["alpha_R_minus_beta_kT"] == pytest.approx(1.5, abs=1e-12)

@@ -108,6 +108,19 @@ def test_network_file_round_trip(quick_demo):
     assert network.training_info["method"] == "flow-matching"
 
 
+def test_basin_balance_warning_names_the_basins_that_are_off():
+    reference = {"beta_pII": 0.74, "alpha_R": 0.25, "phi_positive": 0.01}
+    close = {"beta_pII": 0.70, "alpha_R": 0.29, "phi_positive": 0.01}
+    assert demo.basin_balance_warning({"reference": reference, "cg_simulation": close}) is None
+    flipped = {"beta_pII": 0.22, "alpha_R": 0.76, "phi_positive": 0.02}
+    warning = demo.basin_balance_warning({"reference": reference, "cg_simulation": flipped})
+    assert "beta_pII 22% vs 74%" in warning and "alpha_R 76% vs 25%" in warning
+    only_alpha = {"beta_pII": 0.66, "alpha_R": 0.10, "phi_positive": 0.24}
+    warning = demo.basin_balance_warning({"reference": reference, "cg_simulation": only_alpha})
+    assert "alpha_R 10% vs 25%" in warning and "beta_pII" not in warning
+    assert demo.basin_balance_warning({"reference": reference, "cg_simulation": only_alpha}, tolerance=0.2) is None
+
+
 @pytest.mark.slow
 def test_full_demo_looks_like_alanine_dipeptide(tmp_path):
     """The default demo (about 8 min on 2 cores): β/PII and αR basins in the CG simulation.
