@@ -15,7 +15,8 @@ DIR``: ``flow.pt``, ``teacher.h5``, ``priors.json``, ``reference/``, ``forcefiel
 evaluates the demo's own network (feature set ``dihedrals_and_distances``, the flow-matching
 default), and trains one network per ``--feature-sets`` entry on the same
 teacher samples with the demo's settings (50 epochs of batch 256, Adam 3e-3, CGNet 160 × 5,
-seed 0; cached in ``--work``, so a rerun only evaluates). No simulation is run.
+seed 0; ``--epochs`` changes the budget; cached in ``--work``, so a rerun only evaluates). No
+simulation is run.
 
 Writes ``benchmarks/results/basin_offset.json`` (or ``--output``).
 
@@ -79,18 +80,20 @@ def summarize(values: np.ndarray, masks: dict[str, np.ndarray]) -> dict:
     }
 
 
-def trained_network(work: Path, feature_set: str, teacher: dict, priors: Priors, bonds):
-    """The network of ``feature_set`` trained on the demo's teacher with the demo's settings (cached)."""
-    path = work / f"network_{feature_set}.pt"
+def trained_network(work: Path, feature_set: str, epochs: int, teacher: dict, priors: Priors, bonds):
+    """The network of ``feature_set`` trained on the demo's teacher with the demo's settings, for
+    ``epochs`` epochs (cached)."""
+    suffix = "" if epochs == FULL.forcefield_epochs else f"_{epochs}_epochs"
+    path = work / f"network_{feature_set}{suffix}.pt"
     if path.exists():
         return load_network(path)
     started = time.perf_counter()
     model = train_force_field(
         {"positions": teacher["positions"], "forces": teacher["forces"]}, priors, method="flow-matching",
-        bonds=bonds, epochs=FULL.forcefield_epochs, batch_size=FULL.forcefield_batch_size,
+        bonds=bonds, epochs=epochs, batch_size=FULL.forcefield_batch_size,
         learning_rate=FULL.forcefield_learning_rate, seed=FULL.seed, progress=False,
         model_kwargs={"hidden_width": FULL.forcefield_width, "n_layers": FULL.forcefield_layers, "feature_set": feature_set},
-        checkpoint_path=work / f"checkpoint_{feature_set}.pt",
+        checkpoint_path=work / f"checkpoint_{feature_set}{suffix}.pt",
     )
     model.training_info["wall_seconds"] = time.perf_counter() - started
     save_network(model, path)
@@ -109,6 +112,9 @@ def main() -> None:
     parser.add_argument("--demo", type=Path, required=True, help="a finished demo output directory")
     parser.add_argument("--feature-sets", nargs="*", default=["all_but_bonds", "all"],
                         help="feature sets to train besides the demo's own network (the package default, dihedrals_and_distances)")
+    parser.add_argument("--epochs", type=int, default=FULL.forcefield_epochs,
+                        help="training epochs of the networks trained here (default the demo's; 2x to see whether "
+                        "doubling the budget changes the offset)")
     parser.add_argument("--samples", type=int, default=20000, help="teacher samples evaluated")
     parser.add_argument("--work", type=Path, default=None, help="where trained networks are cached (default DEMO/basin_offset)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "basin_offset.json")
@@ -130,9 +136,10 @@ def main() -> None:
                                            if key.startswith(("include_", "min_"))}
     results["demo network"]["best_validation_loss"] = demo_network.training_info.get("best_validation_loss")
     for feature_set in arguments.feature_sets:
-        network = trained_network(work, feature_set, teacher, priors, bonds)
+        network = trained_network(work, feature_set, arguments.epochs, teacher, priors, bonds)
         summary = summarize(residuals(network, priors, flow, positions, temperature), masks)
         summary["best_validation_loss"] = network.training_info.get("best_validation_loss")
+        summary["epochs"], summary["steps"] = arguments.epochs, network.training_info.get("steps")
         results[feature_set] = summary
     teacher_masks = alanine_basins(teacher["positions"])
     output = {
