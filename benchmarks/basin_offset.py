@@ -50,14 +50,20 @@ from openmm_flowmatch.units import BOLTZMANN_KJ_PER_MOL_PER_K
 PSI_BINS = np.linspace(-np.pi, np.pi, 13)
 
 
-def residuals(network, priors: Priors, flow: CGFlow, positions: np.ndarray, temperature: float) -> np.ndarray:
-    """(U_prior + U_net + kT log q) / kT at ``positions`` (float64)."""
+def network_free_part(priors: Priors, flow: CGFlow, positions: np.ndarray, temperature: float) -> np.ndarray:
+    """(U_prior + kT log q) / kT at ``positions`` (float64): the part of the residual that is the
+    same for every network."""
     kt = BOLTZMANN_KJ_PER_MOL_PER_K * temperature
     x = torch.tensor(positions, dtype=torch.float64)
     with torch.no_grad():
-        energy = network.double().eval()(x) + priors.energy(x)
-        log_q = flow.double().eval().log_prob(x)
-    return ((energy + kt * log_q) / kt).numpy()
+        return ((priors.energy(x) + kt * flow.double().eval().log_prob(x)) / kt).numpy()
+
+
+def residuals(network, common: np.ndarray, positions: np.ndarray, temperature: float) -> np.ndarray:
+    """(U_prior + U_net + kT log q) / kT at ``positions``, from ``common`` = :func:`network_free_part`."""
+    x = torch.tensor(positions, dtype=torch.float64)
+    with torch.no_grad():
+        return network.double().eval()(x).numpy() / (BOLTZMANN_KJ_PER_MOL_PER_K * temperature) + common
 
 
 def summarize(values: np.ndarray, masks: dict[str, np.ndarray]) -> dict:
@@ -130,14 +136,15 @@ def main() -> None:
     flow = CGFlow.load(demo / "flow.pt")
     positions = teacher["positions"][: arguments.samples]
     masks = alanine_basins(positions)
+    common = network_free_part(priors, flow, positions, temperature)
     demo_network = load_network(demo / "forcefield_network.pt")
-    results = {"demo network": summarize(residuals(demo_network, priors, flow, positions, temperature), masks)}
+    results = {"demo network": summarize(residuals(demo_network, common, positions, temperature), masks)}
     results["demo network"]["features"] = {key: value for key, value in demo_network.config()["features"].items()
                                            if key.startswith(("include_", "min_"))}
     results["demo network"]["best_validation_loss"] = demo_network.training_info.get("best_validation_loss")
     for feature_set in arguments.feature_sets:
         network = trained_network(work, feature_set, arguments.epochs, teacher, priors, bonds)
-        summary = summarize(residuals(network, priors, flow, positions, temperature), masks)
+        summary = summarize(residuals(network, common, positions, temperature), masks)
         summary["best_validation_loss"] = network.training_info.get("best_validation_loss")
         summary["epochs"], summary["steps"] = arguments.epochs, network.training_info.get("steps")
         results[feature_set] = summary

@@ -325,7 +325,8 @@ def force_matching_gradients(derivatives: ActivationDerivatives, features: Tenso
     training; ∂L/∂F = 2 (F − target) / n, ∂L/∂(∂U/∂φ) = −J ∂L/∂F, and the parameter gradients are
     the adjoints of :class:`ExplicitInputGradient`'s backward pass. The same numbers as
     ``loss.backward()`` through that class, up to float rounding, without building an autograd
-    graph (which costs a training step about 0.7 ms of its ~6 ms on one CPU thread).
+    graph (which cost a training step 0.5–0.7 ms of its 6–7 ms on one CPU thread,
+    benchmarks/results/training_speed.json).
 
     Parameters
     ----------
